@@ -1,0 +1,1 @@
+"""Flower ClientApp of fedpatch (thin glue over fedpatch.federated)."""

@@ -1,0 +1,237 @@
+"""Coreset subsampling of patch features: greedy k-center (PatchCore) and random.
+
+Greedy k-center (farthest-point traversal) picks, one at a time, the point farthest from
+everything picked so far. It keeps a vector of each point's distance to its nearest selected
+point and updates it with one matrix-vector product per pick, so memory is O(N), never the
+O(N^2) distance matrix. As in the PatchCore paper, selection runs on a seeded Gaussian random
+projection of the features (``projection_dim``, Johnson-Lindenstrauss), while the rows returned
+are the original full-dimensional features.
+
+Streaming: ``StreamingCoreset`` never holds all the patches of a training set. Patches arrive
+in batches and are buffered up to ``chunk_size`` rows; each full chunk is reduced to its own
+greedy coreset of ``ceil(ratio * rows)`` rows and the buffer is freed. The memory bank is the
+union of the chunk coresets, so the only memory that grows with the number of training images
+is the bank itself (``ratio`` of the patches). When everything fits in one chunk the result is
+exactly the one-shot greedy coreset. The coverage radius of the union is the largest radius
+among the chunks; ``coverage_radius`` measures it so the scheme can be compared with the
+one-shot greedy (see tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+ArrayLike = np.ndarray | torch.Tensor
+PickProgress = Callable[[int, int], None]
+"""Called as ``progress(picked, target)`` after each greedy pick (for progress bars)."""
+
+
+def _as_float_tensor(features: ArrayLike) -> torch.Tensor:
+    tensor = torch.as_tensor(features)
+    if tensor.ndim != 2:
+        raise ValueError(f"features must be a 2-D array [N, D], got shape {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        tensor = tensor.float()
+    return tensor.float()
+
+
+def _check_target(target_size: int, n: int) -> None:
+    if not isinstance(target_size, (int, np.integer)) or isinstance(target_size, bool):
+        raise TypeError(f"target_size must be an int, got {type(target_size).__name__}")
+    if target_size < 1:
+        raise ValueError(f"target_size must be >= 1, got {target_size}")
+    if target_size > n:
+        raise ValueError(f"target_size {target_size} exceeds the number of features {n}")
+
+
+def random_projection(dim: int, projection_dim: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A seeded Gaussian ``[dim, projection_dim]`` matrix scaled to preserve norms in expectation."""
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(dim, projection_dim, generator=generator) / math.sqrt(projection_dim)
+    return matrix.to(device)
+
+
+def project(features: torch.Tensor, projection_dim: int | None, seed: int) -> torch.Tensor:
+    """Project to ``projection_dim`` dimensions when that at least halves the dimension.
+
+    A projection that saves less than half of the work is not worth its loss in selection
+    quality (measured: efficientnet_lite0's 152-d features projected to 128 lost 0.01 image
+    AUROC on the magnetic-tile sample), so such features are used as they are.
+    """
+    if projection_dim is None or 2 * projection_dim > features.shape[1]:
+        return features
+    return features @ random_projection(features.shape[1], projection_dim, seed, features.device)
+
+
+def greedy_kcenter_indices(
+    points: torch.Tensor, target_size: int, start: int, progress: PickProgress | None = None
+) -> torch.Tensor:
+    """Farthest-point traversal on ``points`` from index ``start``; returns the picked indices in order."""
+    n = points.shape[0]
+    sq_norms = (points * points).sum(dim=1)
+    min_dist = torch.full((n,), float("inf"), dtype=points.dtype, device=points.device)
+    picked = torch.empty(target_size, dtype=torch.long, device=points.device)
+    current = int(start)
+    for i in range(target_size):
+        picked[i] = current
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, one matrix-vector product per pick.
+        dist = torch.addmv(sq_norms, points, points[current], alpha=-2.0).add_(sq_norms[current])
+        torch.minimum(min_dist, dist, out=min_dist)
+        min_dist[current] = -1.0  # never re-pick a selected point, even when duplicates tie at 0
+        current = int(torch.argmax(min_dist))
+        if progress is not None:
+            progress(i + 1, target_size)
+    return picked
+
+
+def greedy_coreset_indices(
+    features: ArrayLike,
+    target_size: int,
+    seed: int = 42,
+    projection_dim: int | None = 128,
+    *,
+    progress: PickProgress | None = None,
+) -> np.ndarray:
+    """Indices of the greedy k-center coreset (first pick drawn from ``seed``), in pick order."""
+    tensor = _as_float_tensor(features)
+    _check_target(target_size, tensor.shape[0])
+    start = int(np.random.default_rng(seed).integers(tensor.shape[0]))
+    with torch.no_grad():
+        points = project(tensor, projection_dim, seed)
+        return greedy_kcenter_indices(points, int(target_size), start, progress).cpu().numpy()
+
+
+def greedy_coreset_selection(
+    features: ArrayLike,
+    target_size: int,
+    seed: int = 42,
+    projection_dim: int | None = 128,
+    *,
+    progress: PickProgress | None = None,
+) -> np.ndarray:
+    """Greedy k-center coreset: ``[target_size, D]`` rows of ``features`` (full dimension)."""
+    indices = greedy_coreset_indices(features, target_size, seed, projection_dim, progress=progress)
+    return _take_rows(features, indices)
+
+
+def random_coreset_indices(n: int, target_size: int, seed: int = 42) -> np.ndarray:
+    """``target_size`` distinct indices out of ``n``, drawn uniformly from ``seed``."""
+    _check_target(target_size, n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=int(target_size), replace=False))
+
+
+def random_coreset_selection(features: ArrayLike, target_size: int, seed: int = 42) -> np.ndarray:
+    """Uniform random subset of ``target_size`` distinct rows (a cheap baseline)."""
+    n = _as_float_tensor(features).shape[0]
+    return _take_rows(features, random_coreset_indices(n, target_size, seed))
+
+
+def _take_rows(features: ArrayLike, indices: np.ndarray) -> np.ndarray:
+    if isinstance(features, torch.Tensor):
+        return features[torch.as_tensor(indices, device=features.device)].detach().cpu().float().numpy()
+    return np.ascontiguousarray(np.asarray(features)[indices], dtype=np.float32)
+
+
+def coreset_size(n: int, ratio: float) -> int:
+    """Rows kept from ``n`` at ``ratio``: ``ceil(ratio * n)``, at least 1.
+
+    The product is rounded to 6 decimals first so that float error does not add a row
+    (``0.07 * 300`` is ``21.000000000000004`` in binary floating point, but 21 rows are meant).
+    """
+    return max(1, min(n, math.ceil(round(ratio * n, 6))))
+
+
+def coverage_radius(features: np.ndarray, selected: np.ndarray) -> float:
+    """Largest distance from any row of ``features`` to its nearest row of ``selected`` (full dim)."""
+    from fedpatch.memory_bank import MemoryBank
+
+    bank = MemoryBank(selected.shape[1])
+    bank.add(selected)
+    distances, _ = bank.search(np.asarray(features, dtype=np.float32), k=1)
+    return float(distances.max())
+
+
+class StreamingCoreset:
+    """Bounded-memory greedy (or random) coreset over a stream of patch batches.
+
+    Args:
+        ratio: fraction of the patches kept, in (0, 1].
+        chunk_size: rows buffered before a chunk is reduced; bounds the working memory to
+            ``chunk_size * D`` floats plus the growing bank.
+        method: ``"greedy"`` or ``"random"``.
+        projection_dim: projection used by the greedy selection (``None``: full dimension).
+        seed: seeds the projection and first picks; chunk ``i`` uses ``seed + i``.
+        progress: called as ``progress(picked, target)`` during each chunk's greedy selection.
+    """
+
+    def __init__(
+        self,
+        ratio: float,
+        chunk_size: int = 16384,
+        method: str = "greedy",
+        projection_dim: int | None = 128,
+        seed: int = 42,
+        progress: PickProgress | None = None,
+    ) -> None:
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if method not in ("greedy", "random"):
+            raise ValueError(f"coreset method must be 'greedy' or 'random', got {method!r}")
+        self.ratio = ratio
+        self.chunk_size = chunk_size
+        self.method = method
+        self.projection_dim = projection_dim
+        self.seed = seed
+        self.progress = progress
+        self._buffer: list[torch.Tensor] = []
+        self._buffered = 0
+        self._selected: list[np.ndarray] = []
+        self._chunks = 0
+        self.patches_seen = 0
+
+    def add(self, features: torch.Tensor) -> None:
+        """Buffer a batch of patch features ``[n, D]``; reduce every full chunk."""
+        features = _as_float_tensor(features).detach()
+        self.patches_seen += features.shape[0]
+        while features.shape[0] > 0:
+            take = min(self.chunk_size - self._buffered, features.shape[0])
+            self._buffer.append(features[:take].cpu())
+            self._buffered += take
+            features = features[take:]
+            if self._buffered == self.chunk_size:
+                self._reduce_buffer()
+
+    def _reduce_buffer(self) -> None:
+        chunk = torch.cat(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+        self._buffer, self._buffered = [], 0
+        target = coreset_size(chunk.shape[0], self.ratio)
+        seed = self.seed + self._chunks
+        if self.ratio >= 1.0:
+            rows = chunk.numpy().astype(np.float32, copy=True)
+        elif self.method == "greedy":
+            rows = greedy_coreset_selection(chunk, target, seed=seed, projection_dim=self.projection_dim, progress=self.progress)
+        else:
+            rows = random_coreset_selection(chunk, target, seed=seed)
+        self._selected.append(rows)
+        self._chunks += 1
+
+    @property
+    def chunks(self) -> int:
+        """Number of chunks reduced so far."""
+        return self._chunks
+
+    def finalize(self) -> np.ndarray:
+        """Reduce the last partial chunk and return the bank ``[M, D]`` (float32)."""
+        if self._buffered:
+            self._reduce_buffer()
+        if not self._selected:
+            raise ValueError("no features were added to the coreset")
+        bank = np.concatenate(self._selected) if len(self._selected) > 1 else self._selected[0]
+        self._selected = [bank]
+        return bank

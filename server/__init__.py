@@ -1,0 +1,1 @@
+"""Flower ServerApp of fedpatch (thin glue over fedpatch.federated)."""

@@ -1,0 +1,58 @@
+"""Shared fixtures for the core-library tests: thread count, tiny synthetic images, a tiny model.
+
+Everything here is small on purpose: the whole core suite must run in about a minute and a
+half on two CPU cores. Plumbing tests use random backbone weights (``pretrained=False``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import torch
+
+if TYPE_CHECKING:
+    from fedpatch import PatchCore
+
+torch.set_num_threads(2)
+
+ImageFactory = Callable[..., list[torch.Tensor]]
+
+
+def _make_images(n: int, height: int = 64, width: int = 64, seed: int = 0, uint8: bool = False) -> list[torch.Tensor]:
+    """``n`` smooth random RGB images ``[3, H, W]`` (float in [0, 1], or uint8 when asked)."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, max(2, height // 8), max(2, width // 8), generator=generator)
+    smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    noisy = (0.8 * smooth + 0.2 * torch.rand(n, 3, height, width, generator=generator)).clamp(0.0, 1.0)
+    if uint8:
+        return [(img * 255).round().to(torch.uint8) for img in noisy]
+    return list(noisy)
+
+
+@pytest.fixture
+def make_images() -> ImageFactory:
+    """Factory of tiny synthetic images: ``make_images(n, height, width, seed, uint8)``."""
+    return _make_images
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A seeded numpy generator (same stream in every test)."""
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def train_images() -> list[torch.Tensor]:
+    """Six 64x64 training images (float in [0, 1])."""
+    return _make_images(6, 64, 64, seed=1)
+
+
+@pytest.fixture(scope="session")
+def fitted_model(train_images: list[torch.Tensor]) -> PatchCore:
+    """A resnet18 (random weights) PatchCore fitted on ``train_images``; tests must not mutate it."""
+    from fedpatch import PatchCore
+
+    return PatchCore("resnet18", pretrained=False, device="cpu", coreset_percentage=0.1).fit(train_images)

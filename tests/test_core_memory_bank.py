@@ -1,0 +1,220 @@
+"""MemoryBank: exact search against numpy brute force, validation, size cap, persistence."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from fedpatch.errors import BankValidationError, ModelFileError
+from fedpatch.memory_bank import MemoryBank, validate_bank_array
+
+
+def brute_force_knn(bank: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k-NN in float64 with explicit differences: (distances, indices), ascending."""
+    dist = np.sqrt(((query.astype(np.float64)[:, None, :] - bank.astype(np.float64)[None]) ** 2).sum(-1))
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(dist, order, axis=1), order
+
+
+def make_bank(vectors: np.ndarray, max_size: int | None = None) -> MemoryBank:
+    """A bank holding ``vectors``."""
+    bank = MemoryBank(vectors.shape[1], max_size=max_size)
+    bank.add(vectors)
+    return bank
+
+
+# --------------------------------------------------------------------------------------------
+# Search
+# --------------------------------------------------------------------------------------------
+def test_search_k1_equals_brute_force(rng: np.random.Generator) -> None:
+    vectors = rng.normal(size=(500, 32)).astype(np.float32)
+    query = rng.normal(size=(300, 32)).astype(np.float32)
+    distances, indices = make_bank(vectors).search(query, k=1)
+    ref_d, ref_i = brute_force_knn(vectors, query, 1)
+    assert distances.shape == indices.shape == (300, 1)
+    assert distances.dtype == np.float32 and indices.dtype == np.int64
+    assert np.array_equal(indices, ref_i)
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-4, atol=1e-4)
+
+
+def test_search_k_neighbours_are_ordered(rng: np.random.Generator) -> None:
+    vectors = rng.normal(size=(400, 16)).astype(np.float32)
+    query = rng.normal(size=(50, 16)).astype(np.float32)
+    distances, indices = make_bank(vectors).search(query, k=7)
+    ref_d, ref_i = brute_force_knn(vectors, query, 7)
+    assert np.array_equal(indices, ref_i)
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-4, atol=1e-4)
+    assert (np.diff(distances, axis=1) >= 0).all()
+
+
+def test_distances_are_euclidean_not_squared() -> None:
+    bank = make_bank(np.array([[0.0, 0.0], [10.0, 0.0]], dtype=np.float32))
+    distances, indices = bank.search(np.array([[3.0, 4.0]], dtype=np.float32), k=2)
+    np.testing.assert_allclose(distances, [[5.0, np.hypot(7.0, 4.0)]], rtol=1e-6)
+    assert indices.tolist() == [[0, 1]]
+
+
+def test_query_of_bank_members_gives_zero_not_nan(rng: np.random.Generator) -> None:
+    vectors = (rng.normal(size=(200, 64)) * 100).astype(np.float32)
+    distances, indices = make_bank(vectors).search(vectors, k=1)
+    assert np.array_equal(indices[:, 0], np.arange(200))
+    assert np.isfinite(distances).all() and (distances >= 0).all()
+    assert distances.max() < 0.5  # rounding only (norms are ~800)
+
+
+def test_search_argument_errors(rng: np.random.Generator) -> None:
+    bank = make_bank(rng.normal(size=(5, 4)).astype(np.float32))
+    with pytest.raises(ValueError, match=r"k must be in \[1, 5\]"):
+        bank.search(np.zeros((1, 4), np.float32), k=6)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 5\]"):
+        bank.search(np.zeros((1, 4), np.float32), k=0)
+    with pytest.raises(ValueError, match=r"query must be \[M, 4\]"):
+        bank.search(np.zeros((1, 3), np.float32))
+    with pytest.raises(ValueError, match="empty"):
+        MemoryBank(4).search(np.zeros((1, 4), np.float32))
+    distances, indices = bank.search(np.zeros((0, 4), np.float32), k=2)
+    assert distances.shape == indices.shape == (0, 2)
+
+
+def test_add_appends_in_order_and_copies(rng: np.random.Generator) -> None:
+    first = rng.normal(size=(10, 3)).astype(np.float32)
+    second = rng.normal(size=(5, 3))  # float64: converted
+    bank = MemoryBank(3)
+    bank.add(first)
+    bank.add(second)
+    assert len(bank) == 15
+    first[:] = 0.0  # the bank does not alias the caller's buffer
+    vectors = bank.vectors
+    assert vectors.dtype == np.float32 and vectors.shape == (15, 3)
+    assert np.abs(vectors[:10]).min() > 0
+    np.testing.assert_array_equal(vectors[10:], second.astype(np.float32))
+    with pytest.raises(ValueError):
+        vectors[0, 0] = 1.0  # read-only view
+    bank.add(torch.ones(2, 3))  # CPU tensors are accepted
+    assert len(bank) == 17 and bank.search(np.ones((1, 3), np.float32))[1][0, 0] in (15, 16)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and size cap
+# --------------------------------------------------------------------------------------------
+def test_max_size_is_enforced(rng: np.random.Generator) -> None:
+    bank = MemoryBank(4, max_size=10)
+    bank.add(rng.normal(size=(8, 4)).astype(np.float32))
+    with pytest.raises(BankValidationError, match="max_size 10"):
+        bank.add(rng.normal(size=(3, 4)).astype(np.float32))
+    assert len(bank) == 8
+    bank.add(rng.normal(size=(2, 4)).astype(np.float32))
+    assert len(bank) == 10
+    with pytest.raises(ValueError, match="max_size"):
+        MemoryBank(4, max_size=0)
+    with pytest.raises(ValueError, match="feature_dim"):
+        MemoryBank(0)
+
+
+@pytest.mark.parametrize(
+    ("array", "match"),
+    [
+        (np.array([[0.0, np.nan, 1.0, 2.0]], np.float32), r"1 row\(s\) hold NaN or infinite"),
+        (np.array([[0.0, 1.0, 1.0, 2.0], [np.inf, 0, 0, 0], [0, 0, -np.inf, 0]]), r"2 row\(s\) hold NaN or infinite"),
+        (np.zeros((3, 5), np.float32), "feature dimension 5 does not match 4"),
+        (np.zeros((3, 4), np.int64), "floating-point array, got dtype int64"),
+        (np.zeros(4, np.float32), r"2-D array \[N, D\]"),
+        (np.zeros((0, 4), np.float32), "no rows"),
+    ],
+)
+def test_invalid_arrays_are_rejected(array: np.ndarray, match: str) -> None:
+    bank = MemoryBank(4)
+    with pytest.raises(BankValidationError, match=match):
+        bank.add(array)
+    assert len(bank) == 0
+    with pytest.raises(BankValidationError, match=f"client-7: .*{match}"):
+        validate_bank_array(array, 4, source="client-7")
+
+
+def test_validate_returns_contiguous_float32() -> None:
+    array = np.arange(12, dtype=np.float64).reshape(4, 3)[:, ::2]
+    out = validate_bank_array(array, 2)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, array)
+    with pytest.raises(BankValidationError, match="expected a numpy array, got list"):
+        validate_bank_array([[1.0, 2.0]], 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Persistence
+# --------------------------------------------------------------------------------------------
+def test_save_load_round_trip(tmp_path: Path, rng: np.random.Generator) -> None:
+    vectors = rng.normal(size=(120, 24)).astype(np.float32)
+    bank = make_bank(vectors[:100], max_size=500)
+    bank.add(vectors[100:])
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    assert not (tmp_path / "bank.safetensors.tmp").exists()
+    loaded = MemoryBank.load(path)
+    assert loaded.feature_dim == 24 and loaded.max_size == 500 and len(loaded) == 120
+    np.testing.assert_array_equal(loaded.vectors, vectors)
+    query = rng.normal(size=(30, 24)).astype(np.float32)
+    for got, expected in zip(loaded.search(query, k=3), bank.search(query, k=3)):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_load_non_bank_files_name_the_file(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"definitely not a bank" * 20)
+    with pytest.raises(ModelFileError, match="garbage.bin"):
+        MemoryBank.load(garbage)
+
+    other = tmp_path / "other.safetensors"
+    save_file({"weights": np.zeros((2, 2), np.float32)}, str(other))
+    with pytest.raises(ModelFileError, match="other.safetensors"):
+        MemoryBank.load(other)
+
+    no_format = tmp_path / "no_format.safetensors"
+    save_file({"vectors": np.zeros((2, 2), np.float32)}, str(no_format))
+    with pytest.raises(ModelFileError, match="no_format.safetensors: unexpected format None"):
+        MemoryBank.load(no_format)
+
+    with pytest.raises(ModelFileError, match="missing.safetensors"):
+        MemoryBank.load(tmp_path / "missing.safetensors")
+
+
+def test_load_rejects_bad_vectors_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "nan.safetensors"
+    vectors = np.ones((3, 2), np.float32)
+    vectors[1, 1] = np.nan
+    meta = {"format": "fedpatch-memory-bank/1", "feature_dim": "2", "max_size": "null"}
+    save_file({"vectors": vectors}, str(path), metadata=meta)
+    with pytest.raises(BankValidationError, match=r"nan.safetensors: 1 row\(s\) hold NaN"):
+        MemoryBank.load(path)
+
+
+class _Payload:
+    """Unpickling this object creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_load_never_unpickles(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    for name, data in [
+        ("torch.pt", None),
+        ("proto2.pkl", pickle.dumps(_Payload(marker), protocol=2)),
+        ("proto0.pkl", pickle.dumps(_Payload(marker), protocol=0)),
+    ]:
+        path = tmp_path / name
+        if data is None:
+            torch.save({"vectors": _Payload(marker)}, path)
+        else:
+            path.write_bytes(data)
+        with pytest.raises(ModelFileError, match=name):
+            MemoryBank.load(path)
+    assert not marker.exists()

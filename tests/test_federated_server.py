@@ -1,0 +1,161 @@
+"""The ServerApp glue (server/server_app.py) driven through an in-process Grid.
+
+``LocalGrid`` hands each message to the real ClientApp object with a per-node Context, and can
+make nodes silent, which is how a reply timeout looks to the ServerApp (``send_and_receive``
+returns without that node's reply). The real simulation engine is exercised in
+tests/test_federated_flower.py; this file covers what is timing-dependent there.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+
+from clients.client_app import app as client_app
+from fedpatch import workflow
+from fedpatch.config import config_from_dict
+from fedpatch.data.synthetic import generate_autovi_dataset
+from fedpatch.federated import AppSettings, FederationError
+from server.server_app import run_federation, wait_for_nodes
+
+
+class LocalGrid(Grid):
+    """A Grid whose nodes run the ClientApp in this process; ``silent`` nodes never reply."""
+
+    def __init__(self, node_configs: dict[int, dict], run_config: dict, silent: Iterable[int] = ()) -> None:
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config=cfg, state=RecordDict(), run_config=run_config) for n, cfg in node_configs.items()}
+        self.silent = set(silent)
+        self.timeouts: list[float | None] = []
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - not used
+        raise NotImplementedError
+
+    @property
+    def run(self):  # noqa: ANN201
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        self.timeouts.append(timeout)
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node in self.silent:
+                continue  # no reply within the timeout
+            try:
+                replies.append(client_app(message, self.contexts[node]))
+            except Exception as exc:  # what the simulation engine does with a raising ClientApp
+                replies.append(Message(Error(code=2, reason=f"<'Exception occurred. Message: {exc}'>"), reply_to=message))
+        return replies
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reuse_built_models() -> Iterator[None]:
+    """Speed: build each (seeded, deterministic) model once and hand out deep copies."""
+    built: dict[str, object] = {}
+    original = workflow.build_model
+
+    def build(config):
+        key = json.dumps([asdict(config.model), config.runtime.device], sort_keys=True)
+        if key not in built:
+            built[key] = original(config)
+        return copy.deepcopy(built[key])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(workflow, "build_model", build)
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def task_identity():
+    """Messages take their run and sender ids from Flower's process-wide TaskIdentity, which
+    the real runtimes set (as ``run_simulation`` does); restore it afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("server_data")
+    generate_autovi_dataset(data, ["pipe_clip"], n_train=6, n_test_good=2, n_test_defective=1, scale=0.15, seed=5)
+    return data
+
+
+def config(**federated):
+    return config_from_dict(
+        {
+            "model": {"backbone": "resnet18", "layers": None, "pretrained": False, "batch_size": 4},
+            "data": {"resize": [64, 64]},
+            "runtime": {"device": "cpu", "progress": False},
+            "federated": federated,
+        }
+    )
+
+
+def grid_for(n: int, run_config: dict | None = None, silent: Iterable[int] = ()) -> LocalGrid:
+    return LocalGrid({1000 + i: {"partition-id": i, "num-partitions": n} for i in range(n)}, run_config or {}, silent)
+
+
+def test_a_silent_node_is_reported_as_timed_out_and_the_run_completes(root: Path, tmp_path: Path) -> None:
+    grid = grid_for(3, silent=[1001])
+    settings = AppSettings(data_dir=str(root), output_dir=str(tmp_path / "out"), train_timeout=7.0, node_wait_timeout=5.0)
+    result = run_federation(grid, config(min_clients=2), settings)
+    assert grid.timeouts[0] == 7.0
+    (failure,) = result.failures
+    assert (failure.client, failure.stage, failure.reason) == ("1001", "train", "no reply within the train timeout of 7 s")
+    assert result.objects["pipe_clip"].pooled_clients == ["1000", "1002"]
+    federation = json.loads((tmp_path / "out" / "federation.json").read_text())
+    assert federation["status"] == "completed" and federation["succeeded"] == ["1000", "1002"]
+    assert federation["failures"][0]["client"] == "1001"
+    communication = json.loads((tmp_path / "out" / "communication.json").read_text())
+    assert communication["per_client"]["1001"]["bytes_up"] == 0 and communication["per_client"]["1001"]["bytes_down"] > 0
+    assert communication["per_client"]["1000"]["bytes_up"] > 0
+
+
+def test_too_few_clients_fail_the_run_and_name_the_missing_ones(root: Path, tmp_path: Path) -> None:
+    grid = grid_for(3, run_config={"fault": "0:raise,2:nan-bank"})
+    settings = AppSettings(data_dir=str(root), output_dir=str(tmp_path / "out"), node_wait_timeout=5.0)
+    with pytest.raises(FederationError, match=r"only 1 of 3 clients succeeded \(federated.min_clients = 2\)") as caught:
+        run_federation(grid, config(min_clients=2), settings)
+    assert "node 1000: train: error reply (code 2): injected fault 'raise' in the train handler" in str(caught.value)
+    assert "node 1002 (partition 2/3 (iid)): train: client 1002 (pipe_clip): 1 row(s) hold NaN" in str(caught.value)
+    federation = json.loads((tmp_path / "out" / "federation.json").read_text())
+    assert federation["status"] == "failed" and {f["client"] for f in federation["failures"]} == {"1000", "1002"}
+
+
+def test_more_rounds_repeat_the_protocol(root: Path, tmp_path: Path) -> None:
+    grid = grid_for(2)
+    settings = AppSettings(data_dir=str(root), output_dir=str(tmp_path / "out"), num_rounds=2, node_wait_timeout=5.0)
+    result = run_federation(grid, config(), settings)
+    assert result.round == 2
+    communication = json.loads((tmp_path / "out" / "communication.json").read_text())
+    assert set(communication["per_round"]) == {"1", "2"}
+    assert communication["per_round"]["1"] == communication["per_round"]["2"]  # same protocol, same payloads
+
+
+def test_waiting_for_nodes_times_out_clearly() -> None:
+    with pytest.raises(FederationError, match=r"only 2 SuperNode\(s\) connected after 0.2 s; the run needs at least 3"):
+        wait_for_nodes(grid_for(2), need=3, timeout=0.2, poll=0.05)
+    assert wait_for_nodes(grid_for(2), need=2, timeout=5, poll=0.05, settle=0.1) == [1000, 1001]
