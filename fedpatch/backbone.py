@@ -117,13 +117,22 @@ def _torchvision_pretrained_state(spec: BackboneSpec) -> dict[str, torch.Tensor]
     weights = getattr(get_model_weights(spec.name), str(spec.torchvision_weights))
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     file_name = weights.url.rsplit("/", 1)[-1]
+    cached = hub_dir / file_name
+    if cached.is_file():
+        try:
+            return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged cache file, whatever the parse error
+            raise ModelFileError(
+                f"the cached weights file {cached} for {spec.name} cannot be read ({exc}); "
+                f"delete it so it is downloaded again, or replace it with a good copy of {weights.url}"
+            ) from exc
     try:
         return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
         raise WeightsUnavailableError(
             f"ImageNet weights for {spec.name} are not cached and could not be downloaded ({exc}).\n"
             f"  Either download {weights.url} on a machine with internet access and copy it to "
-            f"{hub_dir / file_name},\n  or pass a local file with weights=PATH "
+            f"{cached},\n  or pass a local file with weights=PATH "
             f"(config key 'weights'), or use the offline backbone 'efficientnet_lite0', "
             f"or pretrained=False for random weights."
         ) from exc

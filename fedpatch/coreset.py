@@ -20,6 +20,7 @@ one-shot greedy (see tests and benchmarks).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -31,12 +32,22 @@ PickProgress = Callable[[int, int], None]
 
 
 def _as_float_tensor(features: ArrayLike) -> torch.Tensor:
-    tensor = torch.as_tensor(features)
+    """A float32 tensor view of ``features`` (no copy when already float32; never written to)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.as_tensor(features)
     if tensor.ndim != 2:
         raise ValueError(f"features must be a 2-D array [N, D], got shape {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
         tensor = tensor.float()
     return tensor.float()
+
+
+def _shares_memory(tensor: torch.Tensor, source: ArrayLike) -> bool:
+    """Whether a CPU ``tensor`` aliases the caller's ``source`` buffer."""
+    if isinstance(source, torch.Tensor):
+        return source.device.type == "cpu" and tensor.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+    return bool(np.shares_memory(tensor.numpy(), np.asarray(source)))
 
 
 def _check_target(target_size: int, n: int) -> None:
@@ -197,11 +208,14 @@ class StreamingCoreset:
 
     def add(self, features: torch.Tensor) -> None:
         """Buffer a batch of patch features ``[n, D]``; reduce every full chunk."""
-        features = _as_float_tensor(features).detach()
+        source = features
+        features = _as_float_tensor(features).detach().cpu()
+        if _shares_memory(features, source):
+            features = features.clone()  # the caller may reuse its buffer after add() returns
         self.patches_seen += features.shape[0]
         while features.shape[0] > 0:
             take = min(self.chunk_size - self._buffered, features.shape[0])
-            self._buffer.append(features[:take].cpu())
+            self._buffer.append(features[:take])
             self._buffered += take
             features = features[take:]
             if self._buffered == self.chunk_size:

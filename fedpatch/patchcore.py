@@ -12,6 +12,7 @@ images, sends its bank, and receives the aggregated bank back.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 import warnings
@@ -134,11 +135,26 @@ def _as_image_tensor(item: Any) -> torch.Tensor:
         image = image.float() / 255.0
     elif not image.is_floating_point():
         raise TypeError(f"image tensors must be float in [0, 1] or uint8, got {image.dtype}")
+    else:
+        _check_unit_range(image)
     if image.ndim == 3:
         image = image.unsqueeze(0)
     if image.ndim != 4 or image.shape[1] != 3:
         raise ValueError(f"expected an image of shape [3, H, W] (or a batch [B, 3, H, W]), got {tuple(image.shape)}")
     return image.float()
+
+
+def _check_unit_range(image: torch.Tensor, tolerance: float = 1e-3) -> None:
+    """Float images must be finite and in [0, 1]: a 0-255 float image would silently score wrong."""
+    if image.numel() == 0:
+        raise ValueError("empty image tensor")
+    low, high = float(image.min()), float(image.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("image tensor holds NaN or infinite values")
+    if low < -tolerance or high > 1.0 + tolerance:
+        raise ValueError(
+            f"float image values must be in [0, 1], got [{low:.3g}, {high:.3g}]; divide by 255 or pass a uint8 tensor"
+        )
 
 
 def iter_image_batches(data: Iterable[Any], batch_size: int) -> Iterator[torch.Tensor]:

@@ -17,6 +17,7 @@ global ratio of 1.0, so its bank and metrics are exactly those of a one-client f
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -153,14 +154,31 @@ def to_native_size(anomaly_map: np.ndarray, native_hw: tuple[int, int]) -> np.nd
     return F.interpolate(tensor, size=tuple(native_hw), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
+class _TappedBatches:
+    """A loader's batches, with each batch's images queued for the caller as it is consumed.
+
+    Lets one ``iter_predictions`` call (one progress bar, the model's own batching) run over
+    the whole split while the caller still gets the input image of every prediction.
+    """
+
+    def __init__(self, batches: DataLoader) -> None:
+        self.batches = batches
+        self.images: deque[torch.Tensor] = deque()
+
+    def __len__(self) -> int:
+        return len(self.batches.dataset)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for batch in self.batches:
+            self.images.extend(batch)
+            yield batch
+
+
 def _with_images(model: PatchCore, test: Dataset, config: RunConfig) -> Iterator[tuple[int, Prediction, torch.Tensor]]:
     """Predictions in dataset order, each with the model input image it came from."""
-    batches = loader(test, config)
-    index = 0
-    for batch in batches:
-        for prediction, image in zip(model.iter_predictions([batch]), batch):
-            yield index, prediction, image
-            index += 1
+    tapped = _TappedBatches(loader(test, config))
+    for index, prediction in enumerate(model.iter_predictions(tapped)):
+        yield index, prediction, tapped.images.popleft()
 
 
 def score_local(model: PatchCore, test: Dataset, config: RunConfig, sink: MapSink | None = None) -> LocalEvaluation:

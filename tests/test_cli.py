@@ -58,7 +58,7 @@ def metrics_of(out: Path, name: str) -> dict:
 def test_python_m_fedpatch_train(trained: tuple[Path, subprocess.CompletedProcess]) -> None:
     out, proc = trained
     assert f"results: {out / 'results.md'} (2 trained, 0 skipped)" in proc.stdout
-    for bar in ("fit: features + coreset", "score pipe_clip", "score tank_screw", "predict"):
+    for bar in ("fit: features + coreset", "coreset: greedy picks", "score pipe_clip", "score tank_screw", "predict"):
         assert bar in proc.stderr
     assert "img/s" in proc.stderr  # bars show rates
     assert "9/9" in proc.stderr  # ... and counts (pipe_clip: 3 good + 3 folders x 2 defective)

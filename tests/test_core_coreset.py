@@ -269,3 +269,13 @@ def test_target_size_errors(select: str, rng: np.random.Generator) -> None:
 def test_features_must_be_two_dimensional() -> None:
     with pytest.raises(ValueError, match=r"2-D array \[N, D\]"):
         greedy_coreset_selection(np.zeros(10, dtype=np.float32), 2)
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_streaming_copies_the_callers_buffer(as_numpy: bool) -> None:
+    """A caller may reuse its buffer after add(): the bank must keep the values it was given."""
+    coreset = StreamingCoreset(1.0, chunk_size=100)
+    buffer = np.ones((10, 4), dtype=np.float32) if as_numpy else torch.ones(10, 4)
+    coreset.add(buffer)
+    buffer[:] = 0
+    assert coreset.finalize().sum() == 40.0

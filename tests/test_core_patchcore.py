@@ -386,3 +386,17 @@ def test_unknown_option_is_a_type_error() -> None:
 def test_out_of_range_options_name_the_field(options: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=f"PatchCore {field} must be"):
         tiny_model(**options)
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (torch.full((3, 32, 32), 200.0), "must be in [0, 1]"),
+        (torch.full((3, 32, 32), float("nan")), "NaN"),
+        (torch.full((3, 32, 32), -0.5), "must be in [0, 1]"),
+    ],
+)
+def test_float_images_outside_unit_range_are_refused(image: torch.Tensor, message: str) -> None:
+    model = PatchCore("resnet18", pretrained=False, device="cpu")
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        model.fit([image])

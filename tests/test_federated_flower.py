@@ -4,8 +4,8 @@ One SuperLink (``flower-superlink --simulation``, started here in its own sessio
 port, with a private ``FLWR_HOME``) serves every run of this module; each test submits the app
 in this repository with ``flwr run . fedpatch-test --stream`` and reads what the ServerApp wrote.
 ``flwr run --stream`` exits 0 even when the run fails, so tests read ``federation.json``.
-A run failing for too few clients is tested in-process (tests/test_federated_server.py, real
-ClientApp and ServerApp code over a local Grid): each engine run costs ~30 s of start-up here.
+Reply timeouts are tested in-process (tests/test_federated_server.py: real ClientApp and
+ServerApp code over a local Grid), where they do not depend on machine speed.
 
 Ray on 2 cores: each simulated client gets 1 CPU (``client-resources-num-cpus=1``), so two
 ClientApps run at a time; Ray's object store is capped with
@@ -252,6 +252,20 @@ def test_failing_and_malformed_clients_are_reported_and_excluded(federation: Fed
         assert len(metrics["contributions"]) == 4
     md = (out / "results.md").read_text()
     assert "## Excluded clients" in md and raised["client"] in md
+
+
+def test_too_few_clients_fail_the_run_clearly(federation: Federation) -> None:
+    summary, log = federation.run("too-few", nodes=3, run_config='fault="0:raise,2:wrong-dim"', overrides="federated.min_clients=2")
+    assert summary["status"] == "failed"
+    assert "round 1, train: only 1 of 3 clients succeeded (federated.min_clients = 2)" in summary["error"]
+    assert len(summary["failures"]) == 2
+    for failure in summary["failures"]:
+        assert f"node {failure['client']}" in summary["error"]
+    reasons = [f["reason"] for f in summary["failures"]]
+    assert any("injected fault 'raise' in the train handler" in r for r in reasons)
+    assert any("feature dimension" in r for r in reasons)
+    assert "fedpatch federation failed" in log
+    assert not (federation.out / "too-few" / "results.csv").exists()
 
 
 def test_one_client_federation_equals_fedpatch_train(federation: Federation, data: Path, tmp_path: Path) -> None:

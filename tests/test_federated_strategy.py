@@ -347,6 +347,18 @@ def test_accumulator_state_round_trip_answers_the_same_counts(tiny_root: Path) -
     np.testing.assert_array_equal(original.n_gt, again.n_gt)
 
 
+def test_negative_chunks_are_checked_when_restored() -> None:
+    from fedpatch.metrics import PixelAccumulator
+
+    with pytest.raises(ValueError, match="not sorted"):
+        PixelAccumulator.from_negative_chunks([np.array([2.0, 1.0], np.float32)])
+    with pytest.raises(ValueError, match="dtype"):
+        PixelAccumulator.from_negative_chunks([np.zeros(2, np.float32), np.zeros(2, np.float64)])
+    acc = PixelAccumulator.from_negative_chunks([np.array([0.5, 1.0, 1.0], np.float32), np.array([2.0], np.float32)])
+    counts = acc.negative_counts(np.array([1.0], np.float32))
+    assert (counts.n_ge.tolist(), counts.n_gt.tolist()) == ([3], [1])
+
+
 def test_write_outputs(iid_run, tmp_path: Path) -> None:
     config = small_config(partition="iid")
     result = iid_run[0]
