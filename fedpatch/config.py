@@ -81,7 +81,8 @@ class RuntimeConfig:
 @dataclass
 class FederatedConfig:
     """Attributes:
-    num_clients: number of simulated clients (partitions of the data).
+    num_clients: number of SuperNodes the run expects (every connected node takes part; the
+        server warns when the federation has another size).
     partition: "iid" (each object's training images split evenly), "by-object" (each client
         owns whole objects) or "dirichlet" (per-object client shares drawn with ``dirichlet_alpha``).
     dirichlet_alpha: concentration of the Dirichlet split (small = skewed).
