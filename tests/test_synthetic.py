@@ -223,3 +223,30 @@ def test_failed_generation_leaves_no_dataset(tmp_path: Path, monkeypatch: pytest
         ensure_default_dataset(tmp_path)
     assert not default_dataset_path(tmp_path).exists()
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+# The default data set is cached under a folder named after GENERATOR_VERSION, so a change of
+# the generated pixels without a version bump would let machines reuse a stale cache silently.
+# This fingerprint of a tiny all-object set ties the pixels to the version: when it fails,
+# bump GENERATOR_VERSION and record the new fingerprint here.
+GENERATOR_FINGERPRINTS = {1: "c8157c16d06f5db7ea2079b1f6d441a6765f6760492bafd61e9156cb3b7c649d"}
+
+
+def _content_fingerprint(root: Path) -> str:
+    """sha256 over every file's relative path and content (PNGs as decoded pixels, so that a
+    different zlib or Pillow encoder cannot change it)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.suffix == ".png":
+            with Image.open(path) as image:
+                pixels = np.asarray(image)
+            digest.update(str(pixels.shape).encode() + pixels.tobytes())
+        else:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_generated_pixels_match_the_generator_version(tmp_path: Path) -> None:
+    generate_autovi_dataset(tmp_path, objects="all", n_train=1, n_test_good=1, n_test_defective=1, scale=0.1, seed=0)
+    assert _content_fingerprint(tmp_path) == GENERATOR_FINGERPRINTS[synthetic.GENERATOR_VERSION]
