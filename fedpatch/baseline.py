@@ -4,7 +4,7 @@ Each object goes through the steps of :mod:`fedpatch.workflow` with ONE particip
 bank is exactly the bank of a one-client federation:
 
 1. ``fit_local`` on the object's good training images, minus a held-out calibration share
-   (``calibration_split`` with ``data.calibration_fraction``, seeded by ``model.seed``);
+   (``split_calibration``: ``data.calibration_fraction``, seeded by ``model.seed``);
 2. ``aggregate_banks`` over that one bank with a global ratio of 1.0 (the bank unchanged);
 3. ``PatchCore.set_memory_bank`` with the aggregated bank;
 4. ``calibration_scores`` / ``threshold_from_scores`` on the held-out images (no test labels);
@@ -48,7 +48,6 @@ from typing import Any
 
 import numpy as np
 import yaml
-from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from fedpatch import __version__
@@ -66,12 +65,12 @@ from fedpatch.workflow import (
     ScoredImage,
     build_model,
     calibration_scores,
-    calibration_split,
     fit_local,
     open_object,
     pooled_metrics_with_curve,
     resize_for,
     score_local,
+    split_calibration,
     threshold_from_scores,
 )
 
@@ -395,14 +394,14 @@ def train_object(config: RunConfig, data_dir: Path, layout: RunLayout, name: str
     layout.metrics(name).unlink(missing_ok=True)  # never leave old metrics next to a new model
     train = open_object(data_dir, name, "train", config)
     test_images = len(open_object(data_dir, name, "test", config))  # a broken test split fails before fitting
-    fit_indices, calibration_indices = calibration_split(len(train), config.data.calibration_fraction, config.model.seed)
+    fit_set, calibration = split_calibration(train, config)
     LOGGER.info(
         "[%s] %d training images (%d fitted, %d held out for the threshold), %d test images, working size %s",
-        name, len(train), len(fit_indices), len(calibration_indices), test_images, resize_for(config, name),
+        name, len(train), len(fit_set), len(calibration), test_images, resize_for(config, name),
     )
 
     start = time.perf_counter()
-    model, stats = fit_local(config, Subset(train, fit_indices))
+    model, stats = fit_local(config, fit_set)
     fit_seconds = time.perf_counter() - start
     aggregated = aggregate_banks(
         {LOCAL_CLIENT: model.get_memory_bank()}, global_ratio=1.0, seed=config.model.seed, projection_dim=config.model.projection_dim
@@ -415,10 +414,10 @@ def train_object(config: RunConfig, data_dir: Path, layout: RunLayout, name: str
     )
 
     start = time.perf_counter()
-    held_out = calibration_scores(model, Subset(train, calibration_indices), config)
+    held_out = calibration_scores(model, calibration, config)
     model.threshold = threshold_from_scores(held_out, config)
     calibration_seconds = time.perf_counter() - start
-    source = _threshold_source(config, len(calibration_indices))
+    source = _threshold_source(config, len(calibration))
     LOGGER.info("[%s] threshold %s (%s; %.1f s)", name, _fmt_optional(model.threshold), source, calibration_seconds)
     size = resize_for(config, name)
     model.input_size = None if size == "native" else (int(size[0]), int(size[1]))
@@ -426,7 +425,7 @@ def train_object(config: RunConfig, data_dir: Path, layout: RunLayout, name: str
 
     training = {
         "images": stats.images,
-        "calibration_images": len(calibration_indices),
+        "calibration_images": len(calibration),
         "patches": stats.patches_seen,
         "bank_size": int(len(aggregated.bank)),
         "fit_seconds": round(fit_seconds, 3),

@@ -77,6 +77,16 @@ def calibration_split(n_images: int, fraction: float, seed: int) -> tuple[list[i
     return [i for i in range(n_images) if i not in held_set], calibration
 
 
+def split_calibration(train: Dataset, config: RunConfig) -> tuple[Subset, Subset]:
+    """(fit images, held-out calibration images) of a participant's training images.
+
+    The one split every participant uses (``data.calibration_fraction``, seeded by
+    ``model.seed``), so a one-client federation fits exactly what ``fedpatch train`` fits.
+    """
+    fit_idx, cal_idx = calibration_split(len(train), config.data.calibration_fraction, config.model.seed)
+    return Subset(train, fit_idx), Subset(train, cal_idx)
+
+
 def loader(dataset: Dataset, config: RunConfig) -> DataLoader:
     """Batches of decoded images in dataset order (workers decode in parallel when configured)."""
     return DataLoader(dataset, batch_size=config.model.batch_size, shuffle=False, num_workers=config.runtime.num_workers, collate_fn=_collate_images)

@@ -70,7 +70,6 @@ from fedpatch.federated.client import (
     fit_payload,
     local_metrics,
     open_client_data,
-    split_calibration,
     to_wire,
 )
 from fedpatch.federated.errors import FederationError, ReplyError
@@ -100,6 +99,7 @@ from fedpatch.federated.strategy import (
     client_order,
     summarize_error,
 )
+from fedpatch.workflow import split_calibration  # re-exported: the split every client uses
 
 __all__ = [
     "REPORT_LIMIT",

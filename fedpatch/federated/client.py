@@ -94,12 +94,6 @@ def open_client_data(
     return ClientData(f"partition {partition_id}/{num_partitions} ({fed.partition})", root, train, test, share)
 
 
-def split_calibration(train: Dataset, config: RunConfig) -> tuple[Subset, Subset]:
-    """(fit images, held-out calibration images) of a training share, as ``fedpatch train`` does."""
-    fit_idx, cal_idx = workflow.calibration_split(len(train), config.data.calibration_fraction, config.model.seed)
-    return Subset(train, fit_idx), Subset(train, cal_idx)
-
-
 @dataclass
 class ObjectFit:
     """A client's fitted bank of one object and how it was made."""
@@ -116,7 +110,7 @@ def fit_client(config: RunConfig, data: ClientData) -> list[ObjectFit]:
     """Step 1 on a client: fit one bank per object on its share (minus calibration images)."""
     fits = []
     for name, train in data.train.items():
-        fit_set, calibration = split_calibration(train, config)
+        fit_set, calibration = workflow.split_calibration(train, config)
         start = time.perf_counter()
         model, stats = workflow.fit_local(config, fit_set)
         fits.append(ObjectFit(name, model.get_memory_bank(), stats.images, len(calibration), stats.patches_seen, time.perf_counter() - start))
@@ -184,7 +178,7 @@ def evaluate_client(config: RunConfig, data: ClientData, banks: Mapping[str, np.
     model = workflow.build_model(config)
     for name, bank in banks.items():
         model.set_memory_bank(np.asarray(bank, dtype=np.float32))
-        _, calibration = split_calibration(data.train[name], config)
+        _, calibration = workflow.split_calibration(data.train[name], config)
         scores = workflow.calibration_scores(model, calibration, config)
         evaluation = workflow.score_local(model, data.test[name], config)
         results.append(ObjectEvaluation(name, scores, evaluation))
