@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test
+.PHONY: install run test bench
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -20,3 +20,20 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+
+# Benchmarks side by side with anomalib (benchmarks/README.md). anomalib lives only in this
+# separate environment, never in fedpatch's dependencies; constraints.txt pins what both share.
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --quiet --upgrade pip
+	$(BENCH_PY) -m pip install --quiet -c constraints.txt -e . "anomalib==2.7.*"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BENCH_PY) -m benchmarks.coreset_bench
+	$(BENCH_PY) -m benchmarks.run --suite main --anomalib-python $(BENCH_PY) --fedpatch-python $(BENCH_PY)
+	$(BENCH_PY) -m benchmarks.run --suite scaling --anomalib-python $(BENCH_PY) --fedpatch-python $(BENCH_PY)

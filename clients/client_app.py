@@ -17,6 +17,8 @@ Where a node's images come from (``node_config``):
 - otherwise ``partition-id`` / ``num-partitions`` (set by the simulation engine, or given to
   ``flower-supernode --node-config``): the node's partition (``fedpatch.partition``) of the
   data root the server names (run config ``data-dir``; empty = the generated default dataset).
+- ``rotation-key``: the federation's secret for ``federated.privacy: rotation`` (or env
+  ``FEDPATCH_ROTATION_KEY``); read only here, never sent to the server.
 
 State between ``evaluate`` and ``evaluate.counts``: ClientApps are stateless per message, so
 the node keeps its negative pixel scores in ``context.state`` (``ArrayRecord``
@@ -94,7 +96,7 @@ def train(msg: Message, context: Context) -> Message:
     request, config = _request(msg)
     _fault(context).on("train")
     data = _client_data(request, config, context)
-    fits = fit_client(config, data)
+    fits = fit_client(config, data, context.node_config)
     arrays, metrics = fit_payload(fits, config.federated.bank_dtype)
     arrays, metrics = _fault(context).corrupt(arrays, metrics)
     banks = _array_record(arrays)
@@ -111,7 +113,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     request, config = _request(msg)
     _fault(context).on("evaluate")
     data = _client_data(request, config, context)
-    evaluations = evaluate_client(config, data, _arrays(msg.content["banks"]))
+    evaluations = evaluate_client(config, data, _arrays(msg.content["banks"]), context.node_config)
     arrays, metrics, texts = evaluation_payload(evaluations, config.evaluation.fpr_limits)
     context.state[STATE_NEGATIVES] = _array_record(accumulator_state(evaluations))
     context.state[STATE_META] = ConfigRecord({"round": request.round})

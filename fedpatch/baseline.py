@@ -56,7 +56,8 @@ from fedpatch.config import RunConfig, dump_config, load_config
 from fedpatch.data import list_objects, load_image
 from fedpatch.data.io import SampleRecord
 from fedpatch.errors import ConfigError, DataError
-from fedpatch.maps_io import atomic_write, atomic_write_json, export_png_maps, map_path, write_float_map, write_image_scores
+from fedpatch.atomic import atomic_write_json, atomic_write_text
+from fedpatch.maps_io import export_png_maps, map_path, write_float_map, write_image_scores
 from fedpatch.metrics import metrics_json
 from fedpatch.overlay import colour_range, save_overlay, union_mask
 from fedpatch.patchcore import PatchCore
@@ -509,7 +510,7 @@ def run_baseline(
     key = config_hash(config)
     layout.root.mkdir(parents=True, exist_ok=True)
     config_text = dump_config(config)
-    atomic_write(layout.config, lambda handle: handle.write(config_text.encode("utf-8")))
+    atomic_write_text(layout.config, config_text)
     atomic_write_json(layout.run, {"data_dir": str(root), "command": command, "config_hash": key, "fedpatch_version": __version__})
 
     result = BaselineResult(output_dir=layout.root, data_dir=root)

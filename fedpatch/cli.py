@@ -2,8 +2,9 @@
 
 A thin layer over the library: argument parsing here, the work in ``fedpatch.baseline``,
 ``fedpatch.evaluate``, ``fedpatch.predict`` and ``fedpatch.data.synthetic``. Every user error
-(a ``FedPatchError``: bad config, data, model file, missing weights) prints one line
-``fedpatch: error: ...`` on stderr and exits with status 2, without a traceback.
+(a ``FedPatchError``: bad config, data, model file, missing weights; or an ``OSError`` such
+as an unwritable output folder) prints one line ``fedpatch: error: ...`` on stderr and exits
+with status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -171,6 +172,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_error(text: str) -> int:
+    """Print ``fedpatch: error: <text>`` as one line on stderr; the user-error exit status."""
+    message = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    print(f"fedpatch: error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
 COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "generate": _generate}
 
 
@@ -182,9 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except FedPatchError as exc:
-        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"fedpatch: error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _user_error(str(exc))
+    except OSError as exc:  # an unwritable output folder, a full disk, a file vanishing mid-run
+        return _user_error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
     except KeyboardInterrupt:
         print("fedpatch: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -23,25 +23,23 @@ mode ``F`` (exact for float32 maps, the dtype the model produces), which is what
 official evaluator reads with ``tifffile``. Reading uses Pillow; ``tifffile`` is used only
 as a fallback for TIFFs Pillow cannot decode (e.g. float64), when it is installed.
 
-Every file is written atomically (a hidden temporary file in the same folder, then
-``os.replace``): a reader never sees a half-written map or JSON file.
+Every file is written atomically (:mod:`fedpatch.atomic`: a hidden temporary file in the same
+folder, then ``os.replace``): a reader never sees a half-written map or JSON file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fedpatch.atomic import atomic_write, atomic_write_json  # re-exported: older callers import them from here
 from fedpatch.errors import DataError
 
 FloatFormat = Literal["npy", "tiff"]
@@ -58,35 +56,6 @@ class MapEntry(NamedTuple):
     defect_type: str
     stem: str
     anomaly_map: np.ndarray
-
-
-# --------------------------------------------------------------------------------------
-# Atomic writing
-# --------------------------------------------------------------------------------------
-
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write ``path`` through ``write(file)`` into a temporary sibling, then rename it in place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_json(path: str | Path, data: object) -> Path:
-    """Atomically write ``data`` as indented, key-sorted JSON (like the official evaluator)."""
-    text = json.dumps(data, indent=4, sort_keys=True, allow_nan=False) + "\n"
-    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 # --------------------------------------------------------------------------------------

@@ -1,9 +1,21 @@
-"""The PatchCore memory bank: nominal patch vectors and exact nearest-neighbour search.
+"""The PatchCore memory bank: nominal patch vectors and nearest-neighbour search.
 
-Search is exact (brute force) L2 with faiss's blocked BLAS kernel (``faiss.knn``), which works
-directly on the bank array, so the vectors are stored once (no second copy inside an index).
-Returned distances are true Euclidean distances (square roots of faiss's squared distances,
-clamped at 0 against rounding), which is what PatchCore's scores and the coverage radius use.
+Search is exact (brute force) L2 by default, with faiss's blocked BLAS kernel (``faiss.knn``),
+which works directly on the bank array, so the vectors are stored once (no second copy inside
+an index). For large banks an approximate faiss index can be chosen (``IndexSpec``: ``ivf`` =
+inverted lists over k-means cells, ``hnsw`` = a navigable small-world graph); both hold a
+second copy of the vectors and trade a little recall for speed, which the benchmarks measure
+(recall@1 and AUROC against exact search, ``benchmarks/README.md``). Returned distances are
+true Euclidean distances (square roots of faiss's squared distances, clamped at 0 against
+rounding), which is what PatchCore's scores and the coverage radius use.
+
+On a GPU, ``search_tensor`` runs the exact search with torch on the query's device (the bank
+is copied there once), so a CUDA model never moves its patch features to the host to score
+them (not measured here: the project's machines have no GPU).
+
+Threads: faiss uses OpenMP; searches run with as many threads as torch uses
+(``torch.get_num_threads()``), so one knob (``torch.set_num_threads``) sizes the whole
+pipeline and the two thread pools do not oversubscribe the cores.
 
 Persistence uses safetensors: a bank file holds one tensor and a small JSON header, and
 loading it never unpickles anything.
@@ -12,14 +24,87 @@ loading it never unpickles anything.
 from __future__ import annotations
 
 import json
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
+from fedpatch.atomic import atomic_save
 from fedpatch.errors import BankValidationError, ModelFileError
 
 BANK_FORMAT = "fedpatch-memory-bank/1"
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+_INDEX_PARAMS = {"flat": (), "ivf": ("nlist", "nprobe"), "hnsw": ("m", "ef_search")}
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How a bank is searched, written as one string (a config value saved with the model).
+
+    - ``"flat"``: exact brute-force search (the default).
+    - ``"ivf"`` / ``"ivf:nlist=1024,nprobe=16"``: faiss ``IndexIVFFlat``; ``nlist`` k-means
+      cells (default ``4 * sqrt(M)``, at most ``M // 39`` so each cell gets faiss's minimum
+      of 39 training points), ``nprobe`` cells visited per query (default 16).
+    - ``"hnsw"`` / ``"hnsw:m=32,ef_search=128"``: faiss ``IndexHNSWFlat`` with ``m`` links per
+      node (default 32) and a search beam of ``ef_search`` (default 128).
+    """
+
+    kind: str = "flat"
+    nlist: int | None = None
+    nprobe: int = 16
+    m: int = 32
+    ef_search: int = 128
+
+    @classmethod
+    def parse(cls, text: str) -> IndexSpec:
+        """Parse ``kind[:key=value,...]``; errors name the offending part."""
+        if not isinstance(text, str):
+            raise ValueError(f"index must be a string like 'flat', 'ivf:nprobe=16' or 'hnsw:m=32', got {text!r}")
+        kind, _, rest = text.strip().partition(":")
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {kind!r} (in {text!r})")
+        params: dict[str, int] = {}
+        for item in filter(None, (part.strip() for part in rest.split(","))):
+            match = re.fullmatch(r"(\w+)=(\d+)", item)
+            if not match or match.group(1) not in _INDEX_PARAMS[kind]:
+                allowed = ", ".join(f"{p}=INT" for p in _INDEX_PARAMS[kind]) or "no parameters"
+                raise ValueError(f"index {text!r}: bad parameter {item!r}; {kind} takes {allowed}")
+            if int(match.group(2)) < 1:
+                raise ValueError(f"index {text!r}: {match.group(1)} must be >= 1")
+            params[match.group(1)] = int(match.group(2))
+        return cls(kind, **params)
+
+    def __str__(self) -> str:
+        defaults = IndexSpec()
+        parts = [f"{p}={getattr(self, p)}" for p in _INDEX_PARAMS[self.kind] if getattr(self, p) != getattr(defaults, p)]
+        return self.kind + (":" + ",".join(parts) if parts else "")
+
+    def cells(self, size: int) -> int:
+        """IVF cells for a bank of ``size`` vectors."""
+        wanted = self.nlist if self.nlist is not None else int(4 * math.sqrt(size))
+        return max(1, min(wanted, size // 39))
+
+
+def _build_faiss_index(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index | None:
+    """The approximate index of ``vectors`` for ``spec`` (``None`` for exact flat search)."""
+    if spec.kind == "flat":
+        return None
+    dim = vectors.shape[1]
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    if spec.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, spec.m)
+        index.hnsw.efSearch = spec.ef_search
+    else:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, spec.cells(len(vectors)))
+        index.cp.seed = 1234  # deterministic k-means: the same bank always builds the same cells
+        index.train(vectors)
+        index.nprobe = min(spec.nprobe, index.nlist)
+    index.add(vectors)
+    return index
 
 
 def validate_bank_array(features: object, feature_dim: int | None, source: str = "features") -> np.ndarray:
@@ -51,26 +136,36 @@ class MemoryBank:
     Args:
         feature_dim: width of every vector.
         max_size: optional cap on the number of vectors; adding past it raises.
+        index: search method (``IndexSpec`` or its string, e.g. ``"hnsw:m=32"``); exact flat
+            search by default.
     """
 
-    def __init__(self, feature_dim: int, max_size: int | None = None) -> None:
+    def __init__(self, feature_dim: int, max_size: int | None = None, index: IndexSpec | str = "flat") -> None:
         if feature_dim < 1:
             raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
         if max_size is not None and max_size < 1:
             raise ValueError(f"max_size must be >= 1 or None, got {max_size}")
         self.feature_dim = int(feature_dim)
         self.max_size = max_size
+        self.index_spec = index if isinstance(index, IndexSpec) else IndexSpec.parse(index)
         self._pending: list[np.ndarray] = []
         self._vectors = np.empty((0, self.feature_dim), dtype=np.float32)
+        self._index: faiss.Index | None = None
+        self._device_copy: tuple[torch.Tensor, torch.Tensor] | None = None  # (vectors, squared norms)
 
     def __len__(self) -> int:
         return self._vectors.shape[0] + sum(p.shape[0] for p in self._pending)
 
-    def add(self, features: np.ndarray) -> None:
-        """Append ``[n, feature_dim]`` vectors (validated: finite floats of the right width)."""
+    def add(self, features: np.ndarray, *, copy: bool = True) -> None:
+        """Append ``[n, feature_dim]`` vectors (validated: finite floats of the right width).
+
+        ``copy=False`` lets the bank keep a float32 contiguous array itself instead of a copy
+        (the caller hands it over and must not modify it): a fit's bank is then held once,
+        not twice, at the end of fitting.
+        """
         source = np.asarray(features)
         array = validate_bank_array(source, self.feature_dim)
-        if np.shares_memory(array, source):
+        if copy and np.shares_memory(array, source):
             array = array.copy()  # the bank must not alias the caller's buffer
         if self.max_size is not None and len(self) + array.shape[0] > self.max_size:
             raise BankValidationError(
@@ -79,7 +174,8 @@ class MemoryBank:
         self._pending.append(array)
 
     def build_index(self) -> None:
-        """Consolidate added vectors into one contiguous array ready for search."""
+        """Consolidate added vectors into one contiguous array and (re)build the approximate
+        index, if any, so the bank is ready for search."""
         if not self._pending:
             return
         if self._vectors.shape[0] == 0 and len(self._pending) == 1:
@@ -87,6 +183,8 @@ class MemoryBank:
         else:
             self._vectors = np.concatenate([self._vectors, *self._pending])
         self._pending = []
+        self._index = _build_faiss_index(self._vectors, self.index_spec)
+        self._device_copy = None
 
     @property
     def vectors(self) -> np.ndarray:
@@ -97,9 +195,11 @@ class MemoryBank:
         return view
 
     def search(self, query: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Exact k nearest neighbours: ``(distances [M, k] float32, indices [M, k] int64)``.
+        """k nearest neighbours: ``(distances [M, k] float32, indices [M, k] int64)``.
 
-        Distances are Euclidean (not squared), ascending along each row.
+        Exact for the flat index; approximate for ``ivf`` / ``hnsw`` (rows the approximate
+        index cannot fill with ``k`` neighbours are searched exactly). Distances are
+        Euclidean (not squared), ascending along each row.
         """
         self.build_index()
         if len(self) == 0:
@@ -111,18 +211,53 @@ class MemoryBank:
             raise ValueError(f"query must be [M, {self.feature_dim}], got shape {query.shape}")
         if query.shape[0] == 0:
             return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
-        sq_dist, indices = faiss.knn(query, self._vectors, k)
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        if self._index is None:
+            sq_dist, indices = faiss.knn(query, self._vectors, k)
+        else:
+            sq_dist, indices = self._index.search(query, k)
+            missing = (indices < 0).any(axis=1)
+            if missing.any():
+                sq_dist[missing], indices[missing] = faiss.knn(query[missing], self._vectors, k)
         return np.sqrt(np.maximum(sq_dist, 0.0)), indices.astype(np.int64, copy=False)
+
+    def search_tensor(self, query: torch.Tensor, k: int = 1, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact k nearest neighbours of a query tensor, computed on the query's device.
+
+        Same result as ``search`` with the flat index (up to float rounding), as tensors
+        ``(distances [M, k], indices [M, k])`` on the query's device. The distance matrix is
+        built ``chunk_rows`` queries at a time, bounding its memory.
+        """
+        self.build_index()
+        if not 1 <= k <= len(self):
+            raise ValueError(f"k must be in [1, {len(self)}], got {k}")
+        if query.ndim != 2 or query.shape[1] != self.feature_dim:
+            raise ValueError(f"query must be [M, {self.feature_dim}], got shape {tuple(query.shape)}")
+        if self._device_copy is None or self._device_copy[0].device != query.device:
+            vectors = torch.from_numpy(self._vectors).to(query.device)
+            self._device_copy = (vectors, (vectors * vectors).sum(dim=1))
+        vectors, sq_norms = self._device_copy
+        query = query.float()
+        distances, indices = [], []
+        for part in query.split(chunk_rows):
+            sq = torch.addmm(sq_norms.unsqueeze(0), part, vectors.T, alpha=-2.0).add_((part * part).sum(dim=1, keepdim=True))
+            values, nearest = sq.topk(k, dim=1, largest=False)
+            distances.append(values.clamp_min_(0.0).sqrt_())
+            indices.append(nearest)
+        return torch.cat(distances), torch.cat(indices)
 
     def save(self, path: str | Path) -> None:
         """Write the bank as a safetensors file (atomically: temp file, then rename)."""
         from safetensors.numpy import save_file
 
-        target = Path(path)
-        tmp = target.with_name(target.name + ".tmp")
-        meta = {"format": BANK_FORMAT, "feature_dim": str(self.feature_dim), "max_size": json.dumps(self.max_size)}
-        save_file({"vectors": np.ascontiguousarray(self.vectors)}, str(tmp), metadata=meta)
-        tmp.replace(target)
+        meta = {
+            "format": BANK_FORMAT,
+            "feature_dim": str(self.feature_dim),
+            "max_size": json.dumps(self.max_size),
+            "index": str(self.index_spec),
+        }
+        tensors = {"vectors": np.ascontiguousarray(self.vectors)}
+        atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path) -> MemoryBank:
@@ -140,7 +275,11 @@ class MemoryBank:
             raise ModelFileError(f"{file} is not a fedpatch memory bank file: {exc}") from exc
         if meta.get("format") != BANK_FORMAT:
             raise ModelFileError(f"{file}: unexpected format {meta.get('format')!r}, expected {BANK_FORMAT!r}")
-        bank = cls(int(meta["feature_dim"]), json.loads(meta.get("max_size", "null")))
+        try:
+            index = IndexSpec.parse(meta.get("index", "flat"))
+        except ValueError as exc:
+            raise ModelFileError(f"{file}: header field 'index': {exc}") from None
+        bank = cls(int(meta["feature_dim"]), json.loads(meta.get("max_size", "null")), index=index)
         bank.add(validate_bank_array(vectors, bank.feature_dim, source=str(file)))
         bank.build_index()
         return bank

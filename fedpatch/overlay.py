@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from fedpatch.maps_io import atomic_write, heatmap_rgb
+from fedpatch.atomic import atomic_write
+from fedpatch.maps_io import heatmap_rgb
 
 THRESHOLD_COLOUR = (255, 255, 255)
 GROUND_TRUTH_COLOUR = (255, 0, 255)

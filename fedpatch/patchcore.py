@@ -27,13 +27,20 @@ from tqdm.auto import tqdm
 
 from fedpatch.anomaly_map import patch_scores_to_maps, reweighted_image_score
 from fedpatch.backbone import FeatureExtractor, get_backbone_spec
+from fedpatch.atomic import atomic_save
 from fedpatch.coreset import StreamingCoreset
-from fedpatch.errors import ModelFileError
+from fedpatch.errors import BankValidationError, ModelFileError
 from fedpatch.features import aggregate_features, extract_patch_features, reduce_channels
-from fedpatch.memory_bank import MemoryBank, validate_bank_array
+from fedpatch.memory_bank import IndexSpec, MemoryBank, validate_bank_array
 
 LOGGER = logging.getLogger(__name__)
 MODEL_FORMAT = "fedpatch-patchcore/1"
+MAX_BATCH_PIXELS = 1 << 20
+"""Pixels one backbone forward pass may hold (``batch_size`` images at most). A pass's
+activations grow with its pixel count: WideResNet-50-2 at 1000x750 peaked at 2.35 GiB RSS with
+8 images per pass and 1.40 GiB with one (benchmarks/README.md), at the same speed on CPU, so
+large images go through in smaller batches and peak memory does not depend on ``batch_size``.
+Scores do not change: every image is embedded on its own whatever its batch."""
 
 
 @dataclass
@@ -54,8 +61,13 @@ class PatchCoreConfig:
         projection_dim: random projection used by the greedy selection when it at least halves
             the feature dimension (``None``: never project).
         coreset_chunk_size: patches per streaming chunk (bounds fit memory).
-        batch_size: images per backbone forward pass.
+        batch_size: images per backbone forward pass (fewer for large images, so that a pass
+            holds at most ``MAX_BATCH_PIXELS`` pixels).
         seed: seeds coreset selection.
+        index: nearest-neighbour search of the bank: ``"flat"`` (exact, default), ``"ivf"`` or
+            ``"hnsw"`` with optional parameters (``"hnsw:m=32,ef_search=128"``; see
+            ``fedpatch.memory_bank.IndexSpec``). Approximate indexes are faster on large banks
+            and may change scores slightly (benchmarks report recall@1 and AUROC).
     """
 
     backbone: str = "wide_resnet50_2"
@@ -72,6 +84,7 @@ class PatchCoreConfig:
     coreset_chunk_size: int = 16384
     batch_size: int = 8
     seed: int = 42
+    index: str = "flat"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first out-of-range field."""
@@ -90,6 +103,10 @@ class PatchCoreConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"PatchCore {name} must be {expected}, got {getattr(self, name)!r}")
+        try:
+            IndexSpec.parse(self.index)
+        except ValueError as exc:
+            raise ValueError(f"PatchCore index: {exc}") from None
 
 
 @dataclass
@@ -157,21 +174,24 @@ def _check_unit_range(image: torch.Tensor, tolerance: float = 1e-3) -> None:
         )
 
 
-def iter_image_batches(data: Iterable[Any], batch_size: int) -> Iterator[torch.Tensor]:
+def iter_image_batches(data: Iterable[Any], batch_size: int, max_pixels: int = MAX_BATCH_PIXELS) -> Iterator[torch.Tensor]:
     """Group consecutive images of the same size into ``[B, 3, H, W]`` batches.
 
-    Items may be single images, tuples whose first element is the image, or whole batches
-    (as a DataLoader yields); batches are passed through unsplit.
+    A batch holds at most ``batch_size`` images and, when images are large, at most
+    ``max_pixels`` pixels (but always at least one image). Items may be single images, tuples
+    whose first element is the image, or whole batches (as a DataLoader yields); a whole
+    batch is split only when it exceeds those bounds.
     """
     pending: list[torch.Tensor] = []
     for item in data:
         images = _as_image_tensor(item)
-        flush = images.shape[0] > 1 or len(pending) >= batch_size
+        per_batch = max(1, min(batch_size, max_pixels // (images.shape[-2] * images.shape[-1])))
+        flush = images.shape[0] > 1 or len(pending) >= per_batch
         if pending and (flush or images.shape[-2:] != pending[0].shape[-2:]):
             yield torch.cat(pending)
             pending = []
         if images.shape[0] > 1:
-            yield images
+            yield from images.split(per_batch)
         else:
             pending.append(images)
     if pending:
@@ -267,12 +287,15 @@ class PatchCore:
             progress=_count_picks(picks) if show_picks else None,
         )
         stats = FitStats()
+        n_images = _length(data)
         with picks:
             with self._bar(data, "fit: features + coreset") as bar:
                 for batch in iter_image_batches(data, cfg.batch_size):
                     start = time.perf_counter()
                     patches = extract_patch_features(self.embed(batch)).float().cpu()
                     stats.extract_seconds += time.perf_counter() - start
+                    if stats.images == 0 and n_images:  # size the bank once (images of one size)
+                        coreset.reserve(n_images * (patches.shape[0] // batch.shape[0]))
                     start = time.perf_counter()
                     coreset.add(patches)
                     stats.coreset_seconds += time.perf_counter() - start
@@ -285,7 +308,7 @@ class PatchCore:
             bank = coreset.finalize()
             stats.coreset_seconds += time.perf_counter() - start
         start = time.perf_counter()
-        self.set_memory_bank(bank)
+        self.set_memory_bank(bank, copy=False)  # the coreset's array becomes the bank: held once
         stats.index_seconds = time.perf_counter() - start
         stats.patches_seen, stats.bank_size, stats.chunks = coreset.patches_seen, len(bank), coreset.chunks
         self.fit_stats = stats
@@ -297,11 +320,15 @@ class PatchCore:
         """A copy of the bank ``[M, D]`` (float32)."""
         return np.array(self._require_bank().vectors, dtype=np.float32, copy=True)
 
-    def set_memory_bank(self, features: np.ndarray) -> None:
-        """Replace the bank (validated: 2-D, finite, width = the model's feature dim)."""
+    def set_memory_bank(self, features: np.ndarray, *, copy: bool = True) -> None:
+        """Replace the bank (validated: 2-D, finite, width = the model's feature dim).
+
+        ``copy=False`` hands ``features`` over (no second copy of a large bank; the caller
+        must not modify it afterwards).
+        """
         array = validate_bank_array(np.asarray(features), self.feature_dim, source="memory bank")
-        bank = MemoryBank(self.feature_dim)
-        bank.add(array)
+        bank = MemoryBank(self.feature_dim, index=self.config.index)
+        bank.add(array, copy=copy)
         bank.build_index()
         self.memory_bank = bank
 
@@ -322,10 +349,17 @@ class PatchCore:
     def _predict_batch(self, batch: torch.Tensor, bank: MemoryBank) -> list[Prediction]:
         features = self.embed(batch)
         b, d, h, w = features.shape
-        patches = extract_patch_features(features).float().cpu().numpy()
-        distances, nearest = bank.search(patches, k=1)
-        scores = torch.from_numpy(distances[:, 0].reshape(b, h, w))
+        patches = extract_patch_features(features).float()
+        if patches.device.type != "cpu" and bank.index_spec.kind == "flat":
+            distances, nearest = bank.search_tensor(patches, k=1)  # exact search on the GPU
+            scores = distances[:, 0].reshape(b, h, w)
+        else:
+            patches = patches.cpu()
+            dist_np, near_np = bank.search(patches.numpy(), k=1)
+            distances, nearest = torch.from_numpy(dist_np), torch.from_numpy(near_np)
+            scores = distances[:, 0].reshape(b, h, w)
         maps = patch_scores_to_maps(scores.to(self.device), tuple(batch.shape[-2:]), self.config.blur_sigma).cpu().numpy()
+        scores, nearest = scores.cpu(), nearest.cpu()
         out = []
         for i in range(b):
             flat = scores[i].reshape(-1)
@@ -333,7 +367,7 @@ class PatchCore:
             score = float(flat[top])
             if self.config.num_neighbors > 1 and len(bank) > 1:
                 row = i * h * w + top
-                score = self._reweight(score, patches[row], int(nearest[row, 0]), bank)
+                score = self._reweight(score, patches[row].cpu().numpy(), int(nearest[row, 0]), bank)
             out.append(Prediction(maps[i].astype(np.float32, copy=False), score, scores[i].numpy()))
         return out
 
@@ -378,11 +412,8 @@ class PatchCore:
         stored: they are re-created from the recorded backbone and weights source."""
         from safetensors.numpy import save_file
 
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        save_file({"memory_bank": np.ascontiguousarray(self._require_bank().vectors)}, str(tmp), metadata=self.metadata())
-        tmp.replace(target)
+        tensors = {"memory_bank": np.ascontiguousarray(self._require_bank().vectors)}
+        atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata=self.metadata()))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", backbone: str | None = None, progress: bool = False) -> PatchCore:
@@ -391,23 +422,53 @@ class PatchCore:
         ``backbone``, when given, must match the file's backbone (clear error otherwise).
         """
         meta, bank = read_model_file(path)
-        config = json.loads(meta["config"])
-        if backbone is not None and backbone != config["backbone"]:
+        config = _config_field(meta["config"], path)
+        if backbone is not None and backbone != config.get("backbone"):
             raise ModelFileError(f"{path}: the model was trained with backbone {config['backbone']!r}, not {backbone!r}")
         known = {f.name for f in fields(PatchCoreConfig)}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ModelFileError(f"{path}: unknown config field(s) {unknown}; written by fedpatch {meta.get('fedpatch_version')}")
-        model = cls(device=device, progress=progress, **config)
-        if model.feature_dim != int(meta["feature_dim"]) or bank.shape[1] != model.feature_dim:
+        try:
+            model = cls(device=device, progress=progress, **config)
+        except (ValueError, TypeError) as exc:  # WeightsUnavailableError (a FedPatchError) passes through
+            raise ModelFileError(f"{path}: the recorded model configuration is invalid: {exc}") from None
+        if str(model.feature_dim) != meta["feature_dim"] or bank.shape[1] != model.feature_dim:
             raise ModelFileError(
                 f"{path}: stored feature dim {meta['feature_dim']} (bank width {bank.shape[1]}) does not match "
                 f"backbone {config['backbone']} with layers {config['layers']} (dim {model.feature_dim})"
             )
-        model.set_memory_bank(bank)
-        model.threshold = json.loads(meta.get("threshold", "null"))
+        try:
+            model.set_memory_bank(bank)
+        except BankValidationError as exc:
+            raise ModelFileError(f"{path}: {exc}") from None
+        model.threshold = _threshold_field(meta.get("threshold", "null"), path)
         model.input_size = _input_size_field(meta.get("input_size", "null"), path)
         return model
+
+
+def _config_field(text: str, path: str | Path) -> dict[str, Any]:
+    """The ``config`` header field: a JSON object of PatchCoreConfig fields."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ModelFileError(f"{path}: header field 'config' is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{path}: header field 'config' must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _threshold_field(text: str, path: str | Path) -> float | None:
+    """The ``threshold`` header field: null or a finite number."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        value = text
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ModelFileError(f"{path}: header field 'threshold' must be null or a finite number, got {value!r}")
+    return float(value)
 
 
 def _input_size_field(text: str, path: str | Path) -> tuple[int, int] | None:
@@ -452,4 +513,6 @@ def read_model_file(path: str | Path) -> tuple[dict[str, str], np.ndarray]:
     for key in ("config", "feature_dim"):
         if key not in meta:
             raise ModelFileError(f"{file}: header field {key!r} is missing")
+    if bank.ndim != 2 or bank.dtype != np.float32:
+        raise ModelFileError(f"{file}: tensor 'memory_bank' must be a 2-D float32 array [rows, dim], got {bank.dtype} {bank.shape}")
     return meta, bank

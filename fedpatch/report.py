@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpatch.maps_io import atomic_write
+from fedpatch.atomic import atomic_write
 from fedpatch.metrics import limit_key
 from fedpatch.reference import REFERENCES
 

@@ -15,18 +15,24 @@ warning when they differ): each node's partition comes from its own ``num-partit
 deployment whose nodes connect over time, set ``min-nodes`` to the number expected.
 
 Failures: an error reply, no reply within ``train-timeout`` / ``evaluate-timeout`` (each
-message also carries that TTL) or a malformed reply excludes the node for the rest of the round
-(logged with its node id and the reason, listed in ``federation.json`` and ``results.md``);
-fewer than ``federated.min_clients`` remaining nodes fail the run with a message naming the
-excluded ones (``federation.json`` then has ``"status": "failed"``).
+message also carries that TTL; a node that left is named as no longer connected) or a malformed
+reply excludes the node for the rest of the round (logged with its node id and the reason,
+listed in ``federation.json`` and ``results.md``); fewer than ``federated.min_clients``
+remaining nodes fail the run with a message naming the excluded ones (``federation.json`` then
+has ``"status": "failed"``). Replies are screened first (``FederatedPatchCore.screen_replies``:
+duplicates and unsolicited replies); every reply received and not used is counted under its
+reason in the ``rejected`` section of ``federation.json`` and ``results.md``.
+
+Resume (run config ``resume``): objects run one at a time and are checkpointed in the output
+folder; a restarted run skips the complete ones (``fedpatch.federated.checkpoint``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import asdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -43,12 +49,16 @@ from fedpatch.federated import (
     CommunicationLog,
     FederatedPatchCore,
     FederationError,
+    Rejection,
     RoundResult,
     RunRequest,
     client_order,
+    rejection_summary,
     summarize_error,
+    write_object_outputs,
     write_outputs,
 )
+from fedpatch.federated.checkpoint import ObjectCheckpoint, load_checkpoint, write_resumed_outputs
 from fedpatch.maps_io import atomic_write_json
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -115,19 +125,23 @@ def exchange(
     for client, content in contents.items():
         communication.add(strategy.round, stage, client, down=record_bytes(content))
         messages.append(Message(content, dst_node_id=int(client), message_type=message_type, group_id=str(strategy.round), ttl=timeout or None))
-    replies = grid.send_and_receive(messages, timeout=timeout or None)
+    replies = list(grid.send_and_receive(messages, timeout=timeout or None))
+    keep = strategy.screen_replies(stage, contents, [(str(r.metadata.src_node_id), r.metadata.message_id) for r in replies])
     received: dict[str, RecordDict] = {}
-    for reply in replies:
+    for reply in (replies[i] for i in keep):
         client = str(reply.metadata.src_node_id)
         if reply.has_error():
             log(WARNING, "client %s: error reply at %s (code %s): %s", client, stage, reply.error.code, reply.error.reason)
-            strategy.fail(client, stage, f"error reply (code {reply.error.code}): {summarize_error(reply.error.reason)}")
+            strategy.reject(client, stage, "error-reply", f"error reply (code {reply.error.code}): {summarize_error(reply.error.reason)}")
             continue
         communication.add(strategy.round, stage, client, up=record_bytes(reply.content))
         received[client] = reply.content
-    for client in contents:
-        if client not in received:
-            strategy.fail(client, stage, f"no reply within the {stage} timeout of {timeout:g} s")
+    silent = [c for c in contents if c not in received and c not in strategy.excluded]
+    if silent:
+        connected = {str(n) for n in grid.get_node_ids()}
+        for client in silent:
+            gone = "" if client in connected else " (the node is no longer connected)"
+            strategy.fail(client, stage, f"no reply within the {stage} timeout of {timeout:g} s{gone}")
     return received
 
 
@@ -140,10 +154,13 @@ def _values(content: RecordDict, key: str) -> dict[str, Any]:
     return dict(content[key]) if key in content else {}
 
 
-def run_round(grid: Grid, config: RunConfig, settings: AppSettings, strategy: FederatedPatchCore, communication: CommunicationLog) -> RoundResult:
-    """One round (``strategy.round``): train, aggregate, evaluate, counts, pooled results."""
+def run_round(
+    grid: Grid, config: RunConfig, settings: AppSettings, strategy: FederatedPatchCore, communication: CommunicationLog, objects: Sequence[str] | None = None
+) -> RoundResult:
+    """One round (``strategy.round``): train, aggregate, evaluate, counts, pooled results, for
+    ``objects`` (default: the run config's)."""
     rnd = strategy.round
-    request = ConfigRecord(RunRequest.make(config, settings.objects, settings.data_dir, rnd).to_record())
+    request = ConfigRecord(RunRequest.make(config, settings.objects if objects is None else objects, settings.data_dir, rnd).to_record())
 
     log(INFO, "[round %d] train: %d clients", rnd, len(strategy.active))
     contents = {c: RecordDict({"config": request}) for c in strategy.active}
@@ -169,35 +186,88 @@ def run_round(grid: Grid, config: RunConfig, settings: AppSettings, strategy: Fe
     return strategy.result()
 
 
-def run_federation(grid: Grid, config: RunConfig, settings: AppSettings) -> RoundResult:
-    """The whole run: wait for nodes, ``num-rounds`` rounds, write the outputs of the last."""
+@dataclass
+class Record:
+    """Failures and rejections of the whole run, including those of a round still in flight."""
+
+    failures: list[ClientFailure] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    strategy: FederatedPatchCore | None = None
+
+    def absorb(self) -> None:
+        if self.strategy is not None:
+            self.failures += self.strategy.failures
+            self.rejections += self.strategy.rejections
+            self.strategy = None
+
+
+def run_rounds(
+    grid: Grid, config: RunConfig, settings: AppSettings, feature_dim: int, nodes: Sequence[int], objects: Sequence[str], communication: CommunicationLog, record: Record
+) -> RoundResult:
+    """``num-rounds`` rounds over ``objects``; the last round's result."""
+    result = None
+    for rnd in range(1, settings.num_rounds + 1):
+        record.strategy = FederatedPatchCore(config, feature_dim, [str(n) for n in nodes], rnd)
+        result = run_round(grid, config, settings, record.strategy, communication, objects)
+        record.absorb()
+        _log_round(result, communication)
+    assert result is not None
+    return result
+
+
+def run_by_object(grid: Grid, config: RunConfig, settings: AppSettings, feature_dim: int, nodes: Sequence[int], out_dir: Path, record: Record) -> RoundResult | None:
+    """``resume``: one object at a time, each checkpointed when done; complete objects skipped."""
+    checkpoints: dict[str, ObjectCheckpoint] = {}
+    resumed: list[str] = []
+    result = None
+    for name in settings.objects:
+        found = load_checkpoint(out_dir, name, config)
+        if found is not None:
+            log(INFO, "resume: %s is complete in %s (same configuration); skipped", name, out_dir)
+            checkpoints[name], resumed = found, [*resumed, name]
+            continue
+        communication = CommunicationLog()
+        first_failure, first_rejection = len(record.failures), len(record.rejections)
+        result = run_rounds(grid, config, settings, feature_dim, nodes, (name,), communication, record)
+        write_object_outputs(out_dir, config, [result.objects[name]])
+        checkpoint = ObjectCheckpoint.from_round(name, config, result, communication, [str(n) for n in nodes], record.failures[first_failure:], record.rejections[first_rejection:])
+        checkpoint.save(out_dir)  # written last: the object counts as complete only now
+        checkpoints[name] = checkpoint
+        log(INFO, "resume: %s done and checkpointed", name)
+    extra = {"status": "completed", "nodes": [str(n) for n in nodes], "num_rounds": settings.num_rounds, "settings": _settings_json(settings)}
+    write_resumed_outputs(out_dir, config, checkpoints, resumed, extra)
+    return result
+
+
+def run_federation(grid: Grid, config: RunConfig, settings: AppSettings) -> RoundResult | None:
+    """The whole run: wait for nodes, ``num-rounds`` rounds, write the outputs of the last.
+
+    With ``resume`` the objects run one at a time (see ``fedpatch.federated.checkpoint``) and
+    the result is the last object run here (None when every object was already complete).
+    """
     out_dir = Path(settings.output_dir).expanduser().resolve()
     fed = config.federated
     log(INFO, "fedpatch federation: backbone %s, partition %s, test split %s, bank dtype %s, outputs in %s", config.model.backbone, fed.partition, fed.test_split, fed.bank_dtype, out_dir)
-    failures: list[ClientFailure] = []
-    strategy: FederatedPatchCore | None = None
+    record = Record()
     try:
         feature_dim = workflow.build_model(config).feature_dim  # also checks the backbone weights early
         nodes = wait_for_nodes(grid, settings.min_nodes or fed.min_clients, settings.node_wait_timeout)
         log(INFO, "%d SuperNodes connected: %s", len(nodes), ", ".join(map(str, nodes)))
         if len(nodes) != fed.num_clients:
             log(WARNING, "federated.num_clients is %d but %d SuperNodes are connected; every connected node takes part (partitions follow each node's num-partitions)", fed.num_clients, len(nodes))
-        communication = CommunicationLog()
-        result = None
-        for rnd in range(1, settings.num_rounds + 1):
-            strategy = FederatedPatchCore(config, feature_dim, [str(n) for n in nodes], rnd)
-            result = run_round(grid, config, settings, strategy, communication)
-            failures += strategy.failures
-            strategy = None
-            _log_round(result, communication)
+        if settings.resume:
+            result = run_by_object(grid, config, settings, feature_dim, nodes, out_dir, record)
+        else:
+            communication = CommunicationLog()
+            result = run_rounds(grid, config, settings, feature_dim, nodes, settings.objects, communication, record)
+            extra = {"status": "completed", "nodes": [str(n) for n in nodes], "num_rounds": settings.num_rounds, "settings": _settings_json(settings)}
+            write_outputs(out_dir, config, result, communication, record.failures, extra, record.rejections)
     except FederationError as exc:
-        if strategy is not None:
-            failures += strategy.failures
+        record.absorb()
         log(ERROR, "fedpatch federation failed: %s", exc)
-        atomic_write_json(out_dir / "federation.json", {"status": "failed", "error": str(exc), "failures": [asdict(f) for f in failures]})
+        failed = {"status": "failed", "error": str(exc), "failures": [asdict(f) for f in record.failures], "rejected": rejection_summary(record.rejections)}
+        atomic_write_json(out_dir / "federation.json", failed)
         raise
-    assert result is not None
-    write_outputs(out_dir, config, result, communication, failures, extra={"status": "completed", "nodes": [str(n) for n in nodes], "num_rounds": settings.num_rounds, "settings": _settings_json(settings)})
     log(INFO, "fedpatch federation done: results in %s", out_dir)
     return result
 

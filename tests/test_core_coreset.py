@@ -279,3 +279,28 @@ def test_streaming_copies_the_callers_buffer(as_numpy: bool) -> None:
     coreset.add(buffer)
     buffer[:] = 0
     assert coreset.finalize().sum() == 40.0
+
+
+@pytest.mark.parametrize("reserve", [None, 900, 5000, 100])
+def test_streaming_bank_is_the_same_with_or_without_a_reservation(reserve: int | None) -> None:
+    """A reservation only changes where the rows live: exact (900 patches), over (5000) or under (100)."""
+    points = np.random.default_rng(3).normal(size=(900, 6)).astype(np.float32)
+    plain = stream(points, StreamingCoreset(0.1, chunk_size=256, seed=5), 64)
+    coreset = StreamingCoreset(0.1, chunk_size=256, seed=5)
+    if reserve is not None:
+        coreset.reserve(reserve)
+    bank = stream(points, coreset, 64)
+    np.testing.assert_array_equal(bank, plain)
+    assert bank.flags.c_contiguous and bank.dtype == np.float32
+    assert len(bank) == coreset.bank_rows(900) == 3 * 26 + 14  # three chunks of 256 at 10 %, then 132 rows
+
+
+def test_streaming_bank_with_an_exact_reservation_is_allocated_once() -> None:
+    """With the patch count known, finalize hands out the one array the chunks were copied into."""
+    points = np.random.default_rng(4).normal(size=(1000, 4)).astype(np.float32)
+    coreset = StreamingCoreset(0.2, chunk_size=300, seed=1)
+    coreset.reserve(len(points))
+    coreset.add(torch.from_numpy(points[:300]))
+    first = coreset._bank
+    bank = stream(points[300:], coreset, 100)
+    assert coreset._bank is first and np.shares_memory(bank, first) and bank.shape == (3 * 60 + 20, 4)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -11,7 +13,10 @@ import torch
 from safetensors.numpy import save_file
 
 from fedpatch.errors import BankValidationError, ModelFileError
-from fedpatch.memory_bank import MemoryBank, validate_bank_array
+from fedpatch.memory_bank import IndexSpec, MemoryBank, validate_bank_array
+
+if TYPE_CHECKING:
+    from fedpatch import PatchCore
 
 
 def brute_force_knn(bank: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -218,3 +223,127 @@ def test_load_never_unpickles(tmp_path: Path) -> None:
         with pytest.raises(ModelFileError, match=name):
             MemoryBank.load(path)
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Approximate indexes and device search
+# --------------------------------------------------------------------------------------------
+def clustered(rng: np.random.Generator, n: int, dim: int, centres: int = 40) -> np.ndarray:
+    """Points around ``centres`` Gaussian centres: the structure patch features have."""
+    middle = rng.normal(size=(centres, dim)) * 4
+    return (middle[rng.integers(centres, size=n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("flat", IndexSpec("flat")),
+        ("ivf", IndexSpec("ivf")),
+        ("ivf:nlist=64,nprobe=4", IndexSpec("ivf", nlist=64, nprobe=4)),
+        ("hnsw:m=16,ef_search=32", IndexSpec("hnsw", m=16, ef_search=32)),
+    ],
+)
+def test_index_spec_parses_and_prints(text: str, expected: IndexSpec) -> None:
+    spec = IndexSpec.parse(text)
+    assert spec == expected
+    assert IndexSpec.parse(str(spec)) == spec
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("annoy", "index kind must be one of flat, ivf, hnsw"),
+        ("flat:nprobe=3", "flat takes no parameters"),
+        ("hnsw:nprobe=3", "hnsw takes m=INT, ef_search=INT"),
+        ("ivf:nlist=0", "nlist must be >= 1"),
+        ("ivf:nlist=abc", "bad parameter 'nlist=abc'"),
+    ],
+)
+def test_index_spec_errors_name_the_part(text: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        IndexSpec.parse(text)
+
+
+def test_ivf_cells_are_capped_by_training_points() -> None:
+    assert IndexSpec("ivf").cells(10_000) == 256  # 4 * sqrt(M) = 400, but 10,000 // 39 = 256
+    assert IndexSpec("ivf").cells(1_000_000) == 4000
+    assert IndexSpec("ivf", nlist=50).cells(100) == 2
+
+
+@pytest.mark.parametrize("index", ["hnsw", "ivf:nprobe=8"])
+def test_approximate_indexes_have_high_recall(rng: np.random.Generator, index: str) -> None:
+    vectors = clustered(rng, 6000, 48)
+    query = vectors[rng.choice(6000, 500, replace=False)] + rng.normal(size=(500, 48)).astype(np.float32) * 0.3
+    exact_d, exact_i = make_bank(vectors).search(query, k=1)
+    bank = MemoryBank(48, index=index)
+    bank.add(vectors)
+    distances, indices = bank.search(query, k=3)
+    assert distances.shape == indices.shape == (500, 3) and (indices >= 0).all()
+    recall = float((indices[:, 0] == exact_i[:, 0]).mean())
+    assert recall >= 0.9, recall
+    assert (distances[:, 0] >= exact_d[:, 0] - 1e-4).all()  # never closer than the true nearest
+    np.testing.assert_allclose(np.median(distances[:, 0] / exact_d[:, 0]), 1.0, rtol=1e-3)
+
+
+def test_ivf_rows_it_cannot_fill_are_searched_exactly(rng: np.random.Generator) -> None:
+    vectors = clustered(rng, 400, 8, centres=4)
+    bank = MemoryBank(8, index="ivf:nlist=10,nprobe=1")
+    bank.add(vectors)
+    distances, indices = bank.search(vectors[:20], k=200)  # more neighbours than one cell holds
+    assert (indices >= 0).all()
+    exact_d, _ = make_bank(vectors).search(vectors[:20], k=200)
+    np.testing.assert_allclose(distances, exact_d, rtol=1e-4, atol=1e-3)
+
+
+def test_index_is_saved_with_the_bank(tmp_path: Path, rng: np.random.Generator) -> None:
+    bank = MemoryBank(16, index="hnsw:m=8")
+    bank.add(clustered(rng, 300, 16))
+    bank.save(tmp_path / "bank.safetensors")
+    loaded = MemoryBank.load(tmp_path / "bank.safetensors")
+    assert loaded.index_spec == IndexSpec("hnsw", m=8)
+    query = clustered(rng, 20, 16)
+    for got, expected in zip(loaded.search(query, k=2), bank.search(query, k=2)):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_search_tensor_matches_exact_search(rng: np.random.Generator) -> None:
+    vectors = rng.normal(size=(700, 24)).astype(np.float32)
+    query = rng.normal(size=(300, 24)).astype(np.float32)
+    bank = make_bank(vectors)
+    distances, indices = bank.search_tensor(torch.from_numpy(query), k=4, chunk_rows=64)
+    ref_d, ref_i = brute_force_knn(vectors, query, 4)
+    assert isinstance(distances, torch.Tensor) and distances.shape == (300, 4)
+    assert np.array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(distances.numpy(), ref_d, rtol=1e-4, atol=1e-4)
+    bank.add(query[:1])  # the device copy follows the bank
+    assert bank.search_tensor(torch.from_numpy(query[:1]))[1][0, 0] == 700
+
+
+def test_patchcore_index_option_is_used_saved_and_validated(
+    tmp_path: Path, fitted_model: PatchCore, make_images: Callable[..., list[torch.Tensor]]
+) -> None:
+    from fedpatch import PatchCore
+
+    test_images = make_images(3, seed=5)
+    exact = fitted_model.predict_scores(test_images)
+    model = PatchCore("resnet18", pretrained=False, device="cpu", index="hnsw:ef_search=256")
+    model.set_memory_bank(fitted_model.get_memory_bank())
+    assert model.memory_bank.index_spec == IndexSpec("hnsw", ef_search=256)
+    np.testing.assert_allclose(model.predict_scores(test_images), exact, rtol=1e-5)  # a small bank: HNSW finds every neighbour
+    model.save(tmp_path / "model.pt")
+    loaded = PatchCore.load(tmp_path / "model.pt", device="cpu")
+    assert loaded.config.index == "hnsw:ef_search=256" and loaded.memory_bank.index_spec.kind == "hnsw"
+    with pytest.raises(ValueError, match="PatchCore index: index kind must be one of"):
+        PatchCore("resnet18", pretrained=False, device="cpu", index="kdtree")
+
+
+def test_add_without_copy_keeps_the_array(rng: np.random.Generator) -> None:
+    vectors = rng.normal(size=(50, 6)).astype(np.float32)
+    owned = MemoryBank(6)
+    owned.add(vectors, copy=False)
+    assert np.shares_memory(owned.vectors, vectors)  # held once
+    copied = make_bank(vectors)
+    assert not np.shares_memory(copied.vectors, vectors)
+    converted = MemoryBank(6)
+    converted.add(vectors.astype(np.float64), copy=False)  # a float64 array is converted anyway
+    np.testing.assert_array_equal(converted.vectors, vectors)

@@ -252,6 +252,11 @@ def test_failing_and_malformed_clients_are_reported_and_excluded(federation: Fed
         assert len(metrics["contributions"]) == 4
     md = (out / "results.md").read_text()
     assert "## Excluded clients" in md and raised["client"] in md
+    # every reply received and not used is counted under its reason (never aggregated)
+    rejected = summary["rejected"]
+    assert rejected["by_kind"] == {"error-reply": 3, "non-finite": 1, "too-many-rows": 1, "wrong-dimension": 1, "wrong-dtype": 1}
+    assert sum(sum(kinds.values()) for kinds in rejected["by_client"].values()) == rejected["total"] == 7
+    assert "## Rejected replies" in md and f"| {raised['client']} | error-reply | 1 |" in md
 
 
 def test_too_few_clients_fail_the_run_clearly(federation: Federation) -> None:
@@ -265,6 +270,7 @@ def test_too_few_clients_fail_the_run_clearly(federation: Federation) -> None:
     assert any("injected fault 'raise' in the train handler" in r for r in reasons)
     assert any("feature dimension" in r for r in reasons)
     assert "fedpatch federation failed" in log
+    assert summary["rejected"]["by_kind"] == {"error-reply": 1, "wrong-dimension": 1}
     assert not (federation.out / "too-few" / "results.csv").exists()
 
 

@@ -15,56 +15,27 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import Message
 
-from clients.client_app import app as client_app
 from fedpatch import workflow
 from fedpatch.config import config_from_dict
 from fedpatch.data.synthetic import generate_autovi_dataset
 from fedpatch.federated import AppSettings, FederationError
+from inprocess_grid import InProcessGrid, partition_configs, task_identity  # noqa: F401 - fixture
 from server.server_app import run_federation, wait_for_nodes
 
 
-class LocalGrid(Grid):
-    """A Grid whose nodes run the ClientApp in this process; ``silent`` nodes never reply."""
+class LocalGrid(InProcessGrid):
+    """In-process nodes; ``silent`` nodes never reply (a reply timeout, as the ServerApp sees it)."""
 
     def __init__(self, node_configs: dict[int, dict], run_config: dict, silent: Iterable[int] = ()) -> None:
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config=cfg, state=RecordDict(), run_config=run_config) for n, cfg in node_configs.items()}
+        super().__init__(node_configs, run_config)
         self.silent = set(silent)
         self.timeouts: list[float | None] = []
 
-    def set_run(self, run) -> None:  # noqa: ANN001 - not used
-        raise NotImplementedError
-
-    @property
-    def run(self):  # noqa: ANN201
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages):  # noqa: ANN001, ANN201
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
-        raise NotImplementedError
-
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         self.timeouts.append(timeout)
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            if node in self.silent:
-                continue  # no reply within the timeout
-            try:
-                replies.append(client_app(message, self.contexts[node]))
-            except Exception as exc:  # what the simulation engine does with a raising ClientApp
-                replies.append(Message(Error(code=2, reason=f"<'Exception occurred. Message: {exc}'>"), reply_to=message))
-        return replies
+        return [self.answer(m) for m in messages if m.metadata.dst_node_id not in self.silent]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -82,18 +53,6 @@ def reuse_built_models() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(workflow, "build_model", build)
         yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def task_identity():
-    """Messages take their run and sender ids from Flower's process-wide TaskIdentity, which
-    the real runtimes set (as ``run_simulation`` does); restore it afterwards."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +74,7 @@ def config(**federated):
 
 
 def grid_for(n: int, run_config: dict | None = None, silent: Iterable[int] = ()) -> LocalGrid:
-    return LocalGrid({1000 + i: {"partition-id": i, "num-partitions": n} for i in range(n)}, run_config or {}, silent)
+    return LocalGrid(partition_configs(n), run_config or {}, silent)
 
 
 def test_a_silent_node_is_reported_as_timed_out_and_the_run_completes(root: Path, tmp_path: Path) -> None:
@@ -159,3 +118,28 @@ def test_waiting_for_nodes_times_out_clearly() -> None:
     with pytest.raises(FederationError, match=r"only 2 SuperNode\(s\) connected after 0.2 s; the run needs at least 3"):
         wait_for_nodes(grid_for(2), need=3, timeout=0.2, poll=0.05)
     assert wait_for_nodes(grid_for(2), need=2, timeout=5, poll=0.05, settle=0.1) == [1000, 1001]
+
+
+class LeavingGrid(LocalGrid):
+    """``silent`` nodes are connected when the run starts, then leave (no reply, no longer listed)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.sent = False
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self.contexts if not (self.sent and n in self.silent)]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        self.sent = True
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_node_that_left_is_reported_as_no_longer_connected(root: Path, tmp_path: Path) -> None:
+    grid = LeavingGrid(partition_configs(3), {}, silent=[1002])
+    settings = AppSettings(data_dir=str(root), output_dir=str(tmp_path / "out"), train_timeout=9.0, node_wait_timeout=5.0)
+    result = run_federation(grid, config(min_clients=2), settings)
+    (failure,) = result.failures
+    assert (failure.client, failure.stage) == ("1002", "train")
+    assert failure.reason == "no reply within the train timeout of 9 s (the node is no longer connected)"
+    assert result.objects["pipe_clip"].pooled_clients == ["1000", "1001"]

@@ -37,6 +37,8 @@ from fedpatch.data.regions import DefectRegion, DefectSpec
 from fedpatch.errors import ConfigError, DataError
 
 CONFIG_FILE = "defects_config.json"
+MAX_CONFIG_BYTES = 1 << 20
+"""A defects config larger than this (1 MiB) is refused unread: real ones are a few hundred bytes."""
 _FIELDS = ("defect_name", "pixel_value", "saturation_threshold", "relative_saturation")
 
 
@@ -87,10 +89,16 @@ def read_defects_config(path: str | Path) -> dict[int, DefectSpec]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"defects config not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise DataError(f"{path} has {size:,} bytes; a defects config is a short list (limit {MAX_CONFIG_BYTES:,} bytes)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read: {exc.strerror}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise DataError(f"{path} is not valid JSON: {reason}") from None
     if not isinstance(data, list) or not data:
         raise DataError(f"{path}: expected a non-empty JSON list of defect entries, got {data!r:.60}")
     specs: dict[int, DefectSpec] = {}

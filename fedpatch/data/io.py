@@ -6,9 +6,12 @@ message names the file. Decoding is strict:
 * Pillow decodes lazily and would hide a truncated file until the pixels are used, so
   :func:`load_image` and :func:`load_mask` force the decode (``Image.load()``) and turn any
   failure into a ``DataError``.
-* Pillow's decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``, about 89 megapixels) is
-  kept and made an error at its first level, not just a warning: an industrial test image
-  is far below it, and a file above it is refused with a message that says why.
+* Size limit: an image whose header declares more than :data:`MAX_IMAGE_PIXELS` (40
+  megapixels; AutoVI's largest images have 0.75) is refused from its header, before any pixel
+  is decoded, so a decompression bomb (a tiny file declaring a huge image) costs nothing.
+  Pillow's own guard (``Image.MAX_IMAGE_PIXELS``, about 89 megapixels, which it raises
+  inside ``Image.open`` above twice that) is also turned into a DataError, at its first
+  level (a warning in Pillow) as well.
 
 Conversions to RGB uint8 (:func:`load_image`):
 
@@ -49,6 +52,24 @@ Split = Literal["train", "test"]
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
+MAX_IMAGE_PIXELS = 40_000_000
+"""Largest width x height decoded (40 MP: 120 MB as RGB uint8, 480 MB as a float tensor)."""
+
+
+def _too_large(path: Path, what: str, size: tuple[int, int]) -> DataError:
+    return DataError(
+        f"{what} file {path} declares {size[0]}x{size[1]} pixels, more than fedpatch's limit of "
+        f"{MAX_IMAGE_PIXELS:,} (fedpatch.data.io.MAX_IMAGE_PIXELS); refused before decoding "
+        "(a corrupt header or a decompression bomb)"
+    )
+
+
+def _bomb(path: Path, what: str, exc: Exception) -> DataError:
+    return DataError(
+        f"{what} file {path} is too large to decode safely (possible decompression "
+        f"bomb; Pillow's limit is Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): {exc}"
+    )
+
 
 class Sample(NamedTuple):
     """One decoded image. ``sample[0]`` is the image (the model's ``fit`` relies on it)."""
@@ -82,18 +103,19 @@ def _decode(path: str | Path, what: str, convert: Callable[[Image.Image, Path], 
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                if image.size[0] * image.size[1] > MAX_IMAGE_PIXELS:
+                    raise _too_large(path, what, image.size)
                 image.load()
                 return convert(image, path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(
-            f"{what} file {path} is too large to decode safely (possible decompression "
-            f"bomb; Pillow's limit is Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): {exc}"
-        ) from None
+        raise _bomb(path, what, exc) from None
     except UnidentifiedImageError:
         raise DataError(f"{what} file {path} is not an image Pillow can read") from None
     except DataError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except PermissionError as exc:
+        raise DataError(f"{what} file {path} cannot be read: {exc.strerror}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise DataError(f"{what} file {path} is truncated or corrupt: {exc}") from None
 
 
@@ -123,6 +145,8 @@ def _to_rgb(image: Image.Image, path: Path) -> np.ndarray:
 
 def _to_channel0(image: Image.Image, path: Path) -> np.ndarray:
     """Pillow mask image -> uint8 [H, W]: channel 0 (palette masks: red of the shown colour)."""
+    if image.mode == "F":
+        raise DataError(f"mask file {path} is floating-point (mode F); masks must be 8-bit integer images")
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image).astype(np.int64)
         if values.size and (values.min() < 0 or values.max() > 255):
@@ -156,8 +180,12 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             width, height = image.size
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise _bomb(path, "image", exc) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DataError(f"image file {path} is not an image Pillow can read: {exc}") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _too_large(path, "image", (width, height))
     return height, width
 
 

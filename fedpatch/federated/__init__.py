@@ -17,6 +17,9 @@ scratch, and the last round is reported):
    wire dtype, width, NaN/inf, rows against the patches the client says it saw and against
    ``federated.max_bank_rows``. A client with any malformed bank, an error reply or no reply
    within the timeout is reported (node id + reason) and excluded from the rest of the round.
+   Every reply the server receives and does not use (malformed, an error reply, a duplicate,
+   unsolicited) is counted under a kind (``REJECTION_KINDS``) in the ``rejected`` section of
+   ``federation.json`` and ``results.md``; it is never aggregated.
    Fewer than ``federated.min_clients`` good clients is a :class:`FederationError` naming
    the missing ones. The banks of each object are aggregated with
    ``fedpatch.aggregation.aggregate_banks`` (union in client-id order, then a second greedy
@@ -51,6 +54,8 @@ Modules (one job each; everything public is re-exported here):
 - ``client``: what a client does (open its data, fit, evaluate, count; the reply payloads);
 - ``strategy``: the server strategy (:class:`FederatedPatchCore`) and its reply checks;
 - ``reporting``: :class:`CommunicationLog`, the results tables and :func:`write_outputs`;
+- ``checkpoint``: resumable runs (run config ``resume``): per-object checkpoints in the output
+  folder, skipped when complete (imported on its own: ``fedpatch.federated.checkpoint``);
 - ``errors``: :class:`FederationError`, :class:`ReplyError`.
 """
 
@@ -79,6 +84,7 @@ from fedpatch.federated.reporting import (
     result_rows,
     results_csv,
     results_markdown,
+    write_object_outputs,
     write_outputs,
 )
 from fedpatch.federated.settings import (
@@ -95,13 +101,17 @@ from fedpatch.federated.strategy import (
     ClientFit,
     FederatedPatchCore,
     ObjectResult,
+    Rejection,
     RoundResult,
+    REJECTION_KINDS,
     client_order,
+    rejection_summary,
     summarize_error,
 )
 from fedpatch.workflow import split_calibration  # re-exported: the split every client uses
 
 __all__ = [
+    "REJECTION_KINDS",
     "REPORT_LIMIT",
     "WIRE_DTYPES",
     "AppSettings",
@@ -115,6 +125,7 @@ __all__ = [
     "ObjectEvaluation",
     "ObjectFit",
     "ObjectResult",
+    "Rejection",
     "ReplyError",
     "RoundResult",
     "RunRequest",
@@ -134,9 +145,11 @@ __all__ = [
     "resolve_data_root",
     "result_rows",
     "results_csv",
+    "rejection_summary",
     "results_markdown",
     "split_calibration",
     "summarize_error",
     "to_wire",
+    "write_object_outputs",
     "write_outputs",
 ]

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset, Subset
@@ -19,8 +20,10 @@ from fedpatch import workflow
 from fedpatch.config import RunConfig
 from fedpatch.data import list_objects
 from fedpatch.errors import BankValidationError, ConfigError, DataError
+from fedpatch.memory_bank import validate_bank_array
 from fedpatch.metrics import PixelAccumulator, image_auroc, limit_key, pixel_metrics
 from fedpatch.partition import ClientShare, client_share
+from fedpatch.privacy import BankPrivacy
 
 LOGGER = logging.getLogger(__name__)
 
@@ -106,14 +109,26 @@ class ObjectFit:
     fit_seconds: float
 
 
-def fit_client(config: RunConfig, data: ClientData) -> list[ObjectFit]:
-    """Step 1 on a client: fit one bank per object on its share (minus calibration images)."""
+def bank_privacy(config: RunConfig, node_config: Mapping[str, Any] | None = None) -> BankPrivacy:
+    """The client's bank transform (``federated.privacy``); a rotation key comes from
+    ``node_config["rotation-key"]`` or env ``FEDPATCH_ROTATION_KEY``, never from the server."""
+    fed = config.federated
+    return BankPrivacy.from_settings(fed.privacy, fed.dp_epsilon, fed.dp_delta, fed.clip_norm, node_config)
+
+
+def fit_client(config: RunConfig, data: ClientData, node_config: Mapping[str, Any] | None = None) -> list[ObjectFit]:
+    """Step 1 on a client: fit one bank per object on its share (minus calibration images).
+
+    The returned banks are what the client sends: already rotated or noised when
+    ``federated.privacy`` says so (:func:`bank_privacy`).
+    """
+    privacy = bank_privacy(config, node_config)
     fits = []
     for name, train in data.train.items():
         fit_set, calibration = workflow.split_calibration(train, config)
         start = time.perf_counter()
         model, stats = workflow.fit_local(config, fit_set)
-        fits.append(ObjectFit(name, model.get_memory_bank(), stats.images, len(calibration), stats.patches_seen, time.perf_counter() - start))
+        fits.append(ObjectFit(name, privacy.outgoing(model.get_memory_bank()), stats.images, len(calibration), stats.patches_seen, time.perf_counter() - start))
         LOGGER.info("%s: fitted %d images (%d held out), %d patches -> %d rows", name, stats.images, len(calibration), stats.patches_seen, stats.bank_size)
     return fits
 
@@ -169,15 +184,23 @@ class ObjectEvaluation:
     evaluation: workflow.LocalEvaluation
 
 
-def evaluate_client(config: RunConfig, data: ClientData, banks: Mapping[str, np.ndarray]) -> list[ObjectEvaluation]:
-    """Steps 3-5 on a client: load each global bank, score calibration and test images."""
+def evaluate_client(
+    config: RunConfig, data: ClientData, banks: Mapping[str, np.ndarray], node_config: Mapping[str, Any] | None = None
+) -> list[ObjectEvaluation]:
+    """Steps 3-5 on a client: load each global bank, score calibration and test images.
+
+    Under ``federated.privacy: rotation`` the global banks arrive rotated and are un-rotated
+    here with the client's key before scoring.
+    """
+    privacy = bank_privacy(config, node_config)
     unknown = [n for n in banks if n not in data.train]
     if unknown:
         raise DataError(f"the server sent banks for {', '.join(unknown)}, which this client ({data.source}) does not hold")
     results = []
     model = workflow.build_model(config)
     for name, bank in banks.items():
-        model.set_memory_bank(np.asarray(bank, dtype=np.float32))
+        received = validate_bank_array(bank, model.feature_dim, source=f"global bank of {name!r} sent by the server to {data.source}")
+        model.set_memory_bank(privacy.incoming(received))
         _, calibration = workflow.split_calibration(data.train[name], config)
         scores = workflow.calibration_scores(model, calibration, config)
         evaluation = workflow.score_local(model, data.test[name], config)

@@ -10,4 +10,12 @@ class FederationError(FedPatchError, RuntimeError):
 
 
 class ReplyError(FedPatchError, ValueError):
-    """A client's reply is malformed; the message names the client and the field."""
+    """A client's reply is malformed; the message names the client and the field.
+
+    ``kind`` is the short reason the server counts rejected replies under (see
+    ``fedpatch.federated.strategy.REJECTION_KINDS``).
+    """
+
+    def __init__(self, message: str, kind: str = "malformed") -> None:
+        super().__init__(message)
+        self.kind = kind

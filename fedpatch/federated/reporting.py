@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedpatch import workflow
 from fedpatch.config import RunConfig, dump_config
-from fedpatch.federated.strategy import ClientFailure, RoundResult, client_order
+from fedpatch.federated.strategy import ClientFailure, ObjectResult, Rejection, RoundResult, client_order, rejection_summary
 from fedpatch.metrics import limit_key, metrics_json
 
 REPORT_LIMIT = 0.05
@@ -116,14 +116,21 @@ def result_rows(result: RoundResult, limits: Sequence[float], communication: Com
                     "bytes_down": traffic.get(client, {}).get("bytes_down"),
                 }
             )
-    pooled = [r for r in rows if r["scope"] == "federated"]
+    return with_mean_row(rows, limits)
+
+
+def with_mean_row(rows: Sequence[Mapping[str, Any]], limits: Sequence[float]) -> list[dict[str, Any]]:
+    """``rows`` (without any earlier ``mean`` row) plus the mean over the objects' pooled rows."""
+    keys = [limit_key(k) for k in limits]
+    out = [dict(r) for r in rows if r["object"] != "mean"]
+    pooled = [r for r in out if r["scope"] == "federated"]
     if pooled:
         mean: dict[str, Any] = {"object": "mean", "scope": "federated", "client": "all", "partition": ""}
         for column in ("image_auroc", *[f"auc_spro@{k}" for k in keys], "pixel_auroc", "bank_size", "fit_seconds"):
-            known = [float(r[column]) for r in pooled if r[column] is not None]
+            known = [float(r[column]) for r in pooled if r.get(column) is not None]
             mean[column] = sum(known) / len(known) if known else None
-        rows.append(mean)
-    return rows
+        out.append(mean)
+    return out
 
 
 def _columns(limits: Sequence[float]) -> list[str]:
@@ -152,14 +159,29 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return format(value, spec) if isinstance(value, float) else str(value)
 
 
-def results_markdown(rows: Sequence[Mapping[str, Any]], result: RoundResult, config: RunConfig) -> str:
-    """The Markdown table (AUC-sPRO@0.05 only; every limit is in the CSV), exclusions, notes."""
+def results_markdown(rows: Sequence[Mapping[str, Any]], result: RoundResult, config: RunConfig, rejections: Sequence[Rejection] | None = None) -> str:
+    """The Markdown table (AUC-sPRO@0.05 only; every limit is in the CSV), exclusions, rejected
+    replies (``rejections``, default: the round's), notes."""
+    summary = f"Round {result.round}: {len(result.fits)} of {len(result.clients)} clients succeeded"
+    notes = [f"{name}: {note}" for name, obj in sorted(result.objects.items()) for note in obj.notes]
+    return markdown_report(rows, summary, config, result.failures, result.rejections if rejections is None else rejections, notes)
+
+
+def markdown_report(
+    rows: Sequence[Mapping[str, Any]],
+    summary: str,
+    config: RunConfig,
+    failures: Sequence[ClientFailure],
+    rejections: Sequence[Rejection],
+    notes: Sequence[str],
+) -> str:
+    """``results.md`` from its parts: ``summary`` opens the first sentence (who took part)."""
     fed = config.federated
     main = f"auc_spro@{limit_key(REPORT_LIMIT)}"
     lines = [
         "# fedpatch federated results",
         "",
-        f"Round {result.round}: {len(result.fits)} of {len(result.clients)} clients succeeded; partition `{fed.partition}`, "
+        f"{summary}; partition `{fed.partition}`, "
         f"test split `{fed.test_split}`, global ratio {fed.global_ratio:g}"
         + (f", global size {fed.global_size}" if fed.global_size else "")
         + f", bank dtype `{fed.bank_dtype}`, backbone `{config.model.backbone}`.",
@@ -184,12 +206,16 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], result: RoundResult, con
         "Bytes up / down: the client's payload bytes for the whole round (all its objects, every stage); "
         "per message and stage in `communication.json`. AUC-sPRO at every FPR limit is in `results.csv`.",
     ]
-    if result.failures:
+    if failures:
         lines += ["", "## Excluded clients", ""]
-        lines += [f"- round {f.round}: {f.describe()}" for f in result.failures]
-    notes = [f"- {name}: {note}" for name, obj in sorted(result.objects.items()) for note in obj.notes]
+        lines += [f"- round {f.round}: {f.describe()}" for f in failures]
+    rejected = rejection_summary(rejections)
+    if rejected["total"]:
+        lines += ["", "## Rejected replies", "", f"{rejected['total']} repl" + ("y" if rejected["total"] == 1 else "ies") + " received and not used (never aggregated):", ""]
+        lines += ["| client | reason | count |", "|---|---|---:|"]
+        lines += [f"| {client} | {kind} | {count} |" for client, kinds in rejected["by_client"].items() for kind, count in kinds.items()]
     if notes:
-        lines += ["", "## Notes", "", *notes]
+        lines += ["", "## Notes", "", *[f"- {note}" for note in notes]]
     return "\n".join(lines) + "\n"
 
 
@@ -200,20 +226,46 @@ def write_outputs(
     communication: CommunicationLog,
     failures: Sequence[ClientFailure] = (),
     extra: Mapping[str, Any] | None = None,
+    rejections: Sequence[Rejection] = (),
 ) -> Path:
     """Write the global models, per-object ``metrics.json``, ``results.csv/md``,
-    ``communication.json``, ``federation.json`` and the resolved ``config.yaml``.
+    ``communication.json``, ``federation.json`` (with ``rejected``: the counts of
+    ``rejections``, every round's) and the resolved ``config.yaml``.
 
     Models: ``models/patchcore_<object>.pt`` is a PatchCore (built from ``config``, not fitted)
     holding the global bank and the calibrated threshold; it loads with ``PatchCore.load``.
     """
-    from fedpatch.maps_io import atomic_write_json
+    from fedpatch.atomic import atomic_write_json, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    atomic_write_text(out / "config.yaml", dump_config(config))
+    write_object_outputs(out, config, result.objects.values())
+    limits = config.evaluation.fpr_limits
+    rows = result_rows(result, limits, communication)
+    atomic_write_text(out / "results.csv", results_csv(rows, limits))
+    atomic_write_text(out / "results.md", results_markdown(rows, result, config, rejections))
+    atomic_write_json(out / "communication.json", communication.to_json(config.federated.bank_dtype))
+    federation = {
+        "round": result.round,
+        "clients": result.clients,
+        "succeeded": sorted(result.fits, key=client_order),
+        "fits": {c: {"info": f.info, "objects": f.objects} for c, f in sorted(result.fits.items(), key=lambda kv: client_order(kv[0]))},
+        "failures": [asdict(f) for f in failures],
+        "rejected": rejection_summary(rejections),
+        **(dict(extra) if extra else {}),
+    }
+    atomic_write_json(out / "federation.json", federation)
+    return out
+
+
+def write_object_outputs(out: Path, config: RunConfig, objects: Iterable[ObjectResult]) -> None:
+    """Per object: the global model ``models/patchcore_<object>.pt`` and ``<object>/metrics.json``."""
+    from fedpatch.atomic import atomic_write_json
+
     model = workflow.build_model(config)
-    for name, obj in sorted(result.objects.items()):
+    for obj in sorted(objects, key=lambda o: o.object_name):
+        name = obj.object_name
         model.set_memory_bank(obj.aggregation.bank)
         model.threshold = obj.threshold
         size = workflow.resize_for(config, name)
@@ -240,18 +292,3 @@ def write_outputs(
             }
         )
         atomic_write_json(out / name / "metrics.json", payload)
-    limits = config.evaluation.fpr_limits
-    rows = result_rows(result, limits, communication)
-    (out / "results.csv").write_text(results_csv(rows, limits), encoding="utf-8")
-    (out / "results.md").write_text(results_markdown(rows, result, config), encoding="utf-8")
-    atomic_write_json(out / "communication.json", communication.to_json(config.federated.bank_dtype))
-    federation = {
-        "round": result.round,
-        "clients": result.clients,
-        "succeeded": sorted(result.fits, key=client_order),
-        "fits": {c: {"info": f.info, "objects": f.objects} for c, f in sorted(result.fits.items(), key=lambda kv: client_order(kv[0]))},
-        "failures": [asdict(f) for f in failures],
-        **(dict(extra) if extra else {}),
-    }
-    atomic_write_json(out / "federation.json", federation)
-    return out

@@ -38,6 +38,9 @@ class AppSettings:
         train_timeout / evaluate_timeout: seconds the server waits for replies (0 = no limit).
         min_nodes: nodes to wait for before starting (0 = ``federated.min_clients``).
         node_wait_timeout: seconds to wait for them.
+        resume: run the objects one at a time, checkpoint each in ``output_dir`` when done and
+            skip objects already complete there under the same configuration
+            (``fedpatch.federated.checkpoint``); needs an explicit ``objects`` list.
     """
 
     config_file: str = "configs/federated/patchcore_offline.yaml"
@@ -50,6 +53,7 @@ class AppSettings:
     evaluate_timeout: float = 1800.0
     min_nodes: int = 0
     node_wait_timeout: float = 120.0
+    resume: bool = False
 
     KEYS = {
         "config-file": ("config_file", str),
@@ -62,6 +66,7 @@ class AppSettings:
         "evaluate-timeout": ("evaluate_timeout", float),
         "min-nodes": ("min_nodes", int),
         "node-wait-timeout": ("node_wait_timeout", float),
+        "resume": ("resume", bool),
     }
 
     @classmethod
@@ -72,7 +77,10 @@ class AppSettings:
             if key not in run_config:
                 continue
             value = run_config[key]
-            ok = isinstance(value, str) if kind is str else isinstance(value, (int, float)) and not isinstance(value, bool)
+            if kind in (str, bool):
+                ok = isinstance(value, kind)
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if kind is int and ok and float(value) != int(value):
                 ok = False
             if not ok:
@@ -92,6 +100,11 @@ class AppSettings:
         ):
             if not ok:
                 raise ConfigError(f"run config {key!r} is out of range: {run_config.get(key)!r}")
+        if settings.resume and not settings.objects:
+            raise ConfigError(
+                "run config 'resume' needs an explicit 'objects' list (e.g. \"engine_wiring,pipe_clip\"): "
+                "the server cannot know which objects the sites hold before asking them"
+            )
         return settings
 
     def load_config(self, app_dir: str | Path | None = None) -> RunConfig:
@@ -147,10 +160,18 @@ class RunRequest:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RunRequest:
+        if not isinstance(record, Mapping):
+            raise ReplyError(f"the server's 'config' record must be a mapping, got {type(record).__name__}")
         missing = [k for k in ("config-yaml", "objects", "data-dir", "round") if k not in record]
         if missing:
             raise ReplyError(f"the server's message lacks {', '.join(missing)} in its 'config' record")
-        return cls(str(record["config-yaml"]), parse_objects(str(record["objects"])), str(record["data-dir"]), int(record["round"]))
+        for key in ("config-yaml", "objects", "data-dir"):
+            if not isinstance(record[key], str):
+                raise ReplyError(f"the server's 'config' record field {key!r} must be a string, got {type(record[key]).__name__}")
+        number = record["round"]
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise ReplyError(f"the server's 'config' record field 'round' must be an integer >= 1, got {number!r}")
+        return cls(record["config-yaml"], parse_objects(record["objects"]), record["data-dir"], number)
 
     def run_config(self) -> RunConfig:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,52 @@ class ClientFailure:
 
     def describe(self) -> str:
         return f"node {self.client}" + (f" ({self.source})" if self.source else "") + f": {self.stage}: {self.reason}"
+
+
+REJECTION_KINDS: dict[str, str] = {
+    "error-reply": "the client answered with an error (its handler raised)",
+    "duplicate-reply": "a second reply to one message (the same reply again, or a different one)",
+    "unsolicited-reply": "a reply from a node the server did not ask",
+    "wrong-dtype": "bank not in the wire dtype (federated.bank_dtype)",
+    "wrong-dimension": "bank not 2-D or not of the model's feature width",
+    "empty-bank": "bank without rows",
+    "non-finite": "NaN or infinite values",
+    "too-many-rows": "more bank rows than patches the client says it saw",
+    "over-cap": "more bank rows than federated.max_bank_rows",
+    "row-count-mismatch": "bank rows differ from the rows the client reports",
+    "missing-field": "a required array, metric or text is missing",
+    "bad-value": "a metric or array of the wrong type, sign or kind",
+    "inconsistent": "arrays that disagree with each other or with earlier replies",
+    "malformed": "any other malformed reply",
+}
+"""Why a reply is rejected: the keys under which ``federation.json`` and ``results.md`` count them."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A reply the server received and did not use (it is never aggregated)."""
+
+    client: str
+    stage: str
+    kind: str
+    reason: str
+    round: int = 1
+
+
+def rejection_summary(rejections: Sequence[Rejection]) -> dict[str, Any]:
+    """Counts per kind and per client (and kind), plus every rejection, for ``federation.json``."""
+    by_kind: dict[str, int] = {}
+    by_client: dict[str, dict[str, int]] = {}
+    for r in rejections:
+        by_kind[r.kind] = by_kind.get(r.kind, 0) + 1
+        per = by_client.setdefault(r.client, {})
+        per[r.kind] = per.get(r.kind, 0) + 1
+    return {
+        "total": len(rejections),
+        "by_kind": dict(sorted(by_kind.items())),
+        "by_client": {c: dict(sorted(by_client[c].items())) for c in sorted(by_client, key=client_order)},
+        "replies": [{"round": r.round, "stage": r.stage, "client": r.client, "kind": r.kind, "reason": r.reason} for r in rejections],
+    }
 
 
 @dataclass
@@ -107,6 +153,7 @@ class RoundResult:
     evaluations: dict[str, dict[str, ClientEvaluation]]
     objects: dict[str, ObjectResult]
     failures: list[ClientFailure]
+    rejections: list[Rejection] = field(default_factory=list)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -135,25 +182,25 @@ def client_order(client: str) -> tuple[int, int | str]:
 
 def _metric(metrics: Mapping[str, Any], key: str, client: str, kind: type = int) -> Any:
     if key not in metrics:
-        raise ReplyError(f"client {client}: metric {key!r} is missing")
+        raise ReplyError(f"client {client}: metric {key!r} is missing", "missing-field")
     value = metrics[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ReplyError(f"client {client}: metric {key!r} must be a finite number, got {value!r}")
+        raise ReplyError(f"client {client}: metric {key!r} must be a finite number, got {value!r}", "bad-value")
     if kind is int:
         if float(value) != int(value) or value < 0:
-            raise ReplyError(f"client {client}: metric {key!r} must be a non-negative integer, got {value!r}")
+            raise ReplyError(f"client {client}: metric {key!r} must be a non-negative integer, got {value!r}", "bad-value")
         return int(value)
     return float(value)
 
 
 def _array(arrays: Mapping[str, np.ndarray], key: str, client: str, kinds: str) -> np.ndarray:
     if key not in arrays:
-        raise ReplyError(f"client {client}: array {key!r} is missing")
+        raise ReplyError(f"client {client}: array {key!r} is missing", "missing-field")
     array = np.asarray(arrays[key])
     if array.ndim != 1 or array.dtype.kind not in kinds:
-        raise ReplyError(f"client {client}: array {key!r} must be 1-D of kind {kinds!r}, got {array.dtype} {array.shape}")
+        raise ReplyError(f"client {client}: array {key!r} must be 1-D of kind {kinds!r}, got {array.dtype} {array.shape}", "bad-value")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise ReplyError(f"client {client}: array {key!r} holds NaN or infinite values")
+        raise ReplyError(f"client {client}: array {key!r} holds NaN or infinite values", "non-finite")
     return array
 
 
@@ -174,6 +221,7 @@ class FederatedPatchCore:
         self.round = round
         self.clients = sorted({str(c) for c in clients}, key=client_order)
         self.failures: list[ClientFailure] = []
+        self.rejections: list[Rejection] = []
         self.excluded: set[str] = set()
         self.fits: dict[str, ClientFit] = {}
         self.sources: dict[str, str] = {}  # client -> where its data is (from its train reply)
@@ -204,6 +252,44 @@ class FederatedPatchCore:
             per_object.pop(client, None)
         LOGGER.warning("round %d, %s: client %s excluded: %s", self.round, stage, client, reason)
 
+    def reject(self, client: str, stage: str, kind: str, reason: str, exclude: bool = True) -> None:
+        """Count a reply as rejected (``kind``: a key of :data:`REJECTION_KINDS`); by default
+        also exclude its client from the rest of the round."""
+        if kind not in REJECTION_KINDS:
+            raise ValueError(f"unknown rejection kind {kind!r}")
+        self.rejections.append(Rejection(str(client), stage, kind, reason, self.round))
+        LOGGER.warning("round %d, %s: reply of client %s rejected (%s): %s", self.round, stage, client, kind, reason)
+        if exclude:
+            self.fail(client, stage, reason)
+
+    def screen_replies(self, stage: str, asked: Collection[str], replies: Sequence[tuple[str, str]]) -> list[int]:
+        """Which of ``replies`` (``(client, reply id)`` pairs, in arrival order) to read.
+
+        At most one reply per asked client is read. The same reply again (same id) is rejected
+        as a duplicate and dropped; a client that sent *different* replies to one message is
+        ambiguous: all its replies are dropped, each extra one counted, and the client is
+        excluded. A reply from a client that was not asked is rejected as unsolicited.
+        """
+        asked = {str(c) for c in asked}
+        first: dict[str, tuple[int, str]] = {}
+        conflicting: dict[str, int] = {}
+        for index, (client, reply_id) in enumerate(replies):
+            client = str(client)
+            if client not in asked:
+                self.reject(client, stage, "unsolicited-reply", f"reply from node {client}, which was not sent a {stage} message", exclude=False)
+            elif client not in first:
+                first[client] = (index, reply_id)
+            elif reply_id == first[client][1]:
+                self.reject(client, stage, "duplicate-reply", f"the same {stage} reply ({reply_id}) received again; the copy is ignored", exclude=False)
+            else:
+                conflicting[client] = conflicting.get(client, 1) + 1
+        for client, count in sorted(conflicting.items(), key=lambda kv: client_order(kv[0])):
+            reason = f"sent {count} different replies to one {stage} message; none is used"
+            for _ in range(count - 1):
+                self.reject(client, stage, "duplicate-reply", reason, exclude=False)
+            self.fail(client, stage, reason)
+        return sorted(index for client, (index, _) in first.items() if client not in conflicting)
+
     def require_min_clients(self, stage: str) -> None:
         """Raise :class:`FederationError` unless ``federated.min_clients`` clients remain."""
         need = self.config.federated.min_clients
@@ -223,8 +309,11 @@ class FederatedPatchCore:
             self.sources[client] = info["source"]
         try:
             fit, banks = self._check_fit(client, arrays, metrics, info)
-        except (ReplyError, BankValidationError) as exc:
-            self.fail(client, "train", str(exc))
+        except ReplyError as exc:
+            self.reject(client, "train", exc.kind, str(exc))
+            return False
+        except BankValidationError as exc:
+            self.reject(client, "train", "malformed", str(exc))
             return False
         self.fits[client] = fit
         for name, bank in banks.items():
@@ -239,14 +328,14 @@ class FederatedPatchCore:
         declared = {k.rpartition("/")[0] for k in metrics if "/" in k}
         extra = sorted(declared - set(arrays))
         if extra:
-            raise ReplyError(f"client {client}: metrics for object(s) {', '.join(extra)} without a bank")
+            raise ReplyError(f"client {client}: metrics for object(s) {', '.join(extra)} without a bank", "missing-field")
         objects: dict[str, dict[str, float]] = {}
         banks: dict[str, np.ndarray] = {}
         for name in sorted(arrays):
             bank = arrays[name]
             if not isinstance(bank, np.ndarray) or bank.dtype != wire:
                 got = bank.dtype if isinstance(bank, np.ndarray) else type(bank).__name__
-                raise BankValidationError(f"client {client}: bank of {name!r} has dtype {got}, expected {wire} (federated.bank_dtype)")
+                raise ReplyError(f"client {client}: bank of {name!r} has dtype {got}, expected {wire} (federated.bank_dtype)", "wrong-dtype")
             stats = {
                 "n_images": _metric(metrics, f"{name}/n_images", client),
                 "n_calibration": _metric(metrics, f"{name}/n_calibration", client),
@@ -254,14 +343,34 @@ class FederatedPatchCore:
                 "bank_rows": _metric(metrics, f"{name}/bank_rows", client),
                 "fit_seconds": _metric(metrics, f"{name}/fit_seconds", client, float),
             }
-            checked = validate_client_bank(bank, self.feature_dim, f"{client} ({name})", stats["patches_seen"], fed.max_bank_rows)
+            checked = self._check_bank(f"client {client} ({name})", bank, stats["patches_seen"])
             if checked.shape[0] != stats["bank_rows"]:
-                raise BankValidationError(f"client {client} ({name}): bank has {checked.shape[0]} rows but the client reports {stats['bank_rows']}")
+                raise ReplyError(f"client {client} ({name}): bank has {checked.shape[0]} rows but the client reports {stats['bank_rows']}", "row-count-mismatch")
             objects[name] = stats
             banks[name] = checked
         bytes_sent = metrics.get("bytes_sent")
         fit = ClientFit(client, {str(k): str(v) for k, v in info.items()}, objects, int(bytes_sent) if isinstance(bytes_sent, (int, float)) else None)
         return fit, banks
+
+    def _check_bank(self, where: str, bank: np.ndarray, patches_seen: int) -> np.ndarray:
+        """Shape, rows, finiteness and size of one bank, each failure under its own kind; then
+        ``validate_client_bank`` (the library's checks) as the last gate."""
+        if bank.ndim != 2:
+            raise ReplyError(f"{where}: expected a 2-D array [N, D], got shape {bank.shape}", "wrong-dimension")
+        rows, width = bank.shape
+        if width != self.feature_dim:
+            raise ReplyError(f"{where}: feature dimension {width} does not match {self.feature_dim}", "wrong-dimension")
+        if rows == 0:
+            raise ReplyError(f"{where}: the array has no rows", "empty-bank")
+        bad = int((~np.isfinite(bank)).any(axis=1).sum())
+        if bad:
+            raise ReplyError(f"{where}: {bad} row(s) hold NaN or infinite values", "non-finite")
+        if rows > patches_seen:
+            raise ReplyError(f"{where}: bank of {rows} rows exceeds its {patches_seen} patches", "too-many-rows")
+        cap = self.config.federated.max_bank_rows
+        if cap is not None and rows > cap:
+            raise ReplyError(f"{where}: bank of {rows} rows exceeds the cap of {cap} (federated.max_bank_rows)", "over-cap")
+        return validate_client_bank(bank, self.feature_dim, where.removeprefix("client "), patches_seen, cap)
 
     def aggregate(self) -> dict[str, AggregationResult]:
         """Step 2: one global bank per object, from the valid banks (needs ``min_clients``)."""
@@ -302,8 +411,8 @@ class FederatedPatchCore:
             return False
         try:
             parsed = {n: self._check_evaluation(client, n, arrays, metrics, texts) for n in self.fits[client].objects if n in self.aggregated}
-        except (ReplyError, KeyError) as exc:
-            self.fail(client, "evaluate", str(exc))
+        except ReplyError as exc:
+            self.reject(client, "evaluate", exc.kind, str(exc))
             return False
         for name, evaluation in parsed.items():
             self.evaluations.setdefault(name, {})[client] = evaluation
@@ -319,18 +428,18 @@ class FederatedPatchCore:
         n_test = _metric(metrics, f"{name}/n_test", client)
         keys_text = texts.get(f"{name}/keys")
         if not isinstance(keys_text, str):
-            raise ReplyError(f"client {client}: image keys of {name!r} are missing")
+            raise ReplyError(f"client {client}: image keys of {name!r} are missing", "missing-field")
         keys = keys_text.split("\n") if keys_text else []
         if not scores.size == labels.size == len(keys) == n_test:
-            raise ReplyError(f"client {client} ({name}): {scores.size} scores, {labels.size} labels, {len(keys)} keys for {n_test} test images")
+            raise ReplyError(f"client {client} ({name}): {scores.size} scores, {labels.size} labels, {len(keys)} keys for {n_test} test images", "inconsistent")
         if labels.size and not np.isin(labels, (0, 1)).all():
-            raise ReplyError(f"client {client} ({name}): labels must be 0 or 1")
+            raise ReplyError(f"client {client} ({name}): labels must be 0 or 1", "bad-value")
         if not values.size == positive.size == gains.size:
-            raise ReplyError(f"client {client} ({name}): summary arrays differ in length ({values.size}, {positive.size}, {gains.size})")
+            raise ReplyError(f"client {client} ({name}): summary arrays differ in length ({values.size}, {positive.size}, {gains.size})", "inconsistent")
         if values.size > 1 and not (np.diff(values) > 0).all():
-            raise ReplyError(f"client {client} ({name}): summary values must be strictly ascending")
+            raise ReplyError(f"client {client} ({name}): summary values must be strictly ascending", "inconsistent")
         if (positive < 1).any() or (gains < 0).any():
-            raise ReplyError(f"client {client} ({name}): summary counts must be positive and gains non-negative")
+            raise ReplyError(f"client {client} ({name}): summary counts must be positive and gains non-negative", "bad-value")
         summary = PixelSummary(values, positive.astype(np.int64), gains.astype(np.float64), _metric(metrics, f"{name}/n_regions", client), _metric(metrics, f"{name}/n_negative", client))
         prefix = f"{name}/local_"
         local = {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix) and isinstance(v, (int, float))}
@@ -379,12 +488,12 @@ class FederatedPatchCore:
                 n_gt = _array(arrays, f"{name}/n_gt", client, "iu").astype(np.int64)
                 limit = self.evaluations[name][client].summary.n_negative
                 if not n_ge.size == n_gt.size == values.size:
-                    raise ReplyError(f"client {client} ({name}): {n_ge.size} counts for {values.size} values")
+                    raise ReplyError(f"client {client} ({name}): {n_ge.size} counts for {values.size} values", "inconsistent")
                 if (n_gt > n_ge).any() or (n_gt < 0).any() or (n_ge > limit).any():
-                    raise ReplyError(f"client {client} ({name}): counts are inconsistent with its {limit} negative pixels")
+                    raise ReplyError(f"client {client} ({name}): counts are inconsistent with its {limit} negative pixels", "inconsistent")
                 parsed[name] = NegativeCounts(n_ge, n_gt)
-        except (ReplyError, KeyError) as exc:
-            self.fail(client, "evaluate.counts", str(exc))
+        except ReplyError as exc:
+            self.reject(client, "evaluate.counts", exc.kind, str(exc))
             return False
         for name, counts in parsed.items():
             self.counts[name][client] = counts
@@ -434,4 +543,5 @@ class FederatedPatchCore:
                 result.notes.append("pixel metrics undefined: no defect region (or no negative pixel) in the pooled test images")
             objects[name] = result
         evaluations = {n: {c: e for c, e in per.items() if c not in self.excluded} for n, per in self.evaluations.items()}
-        return RoundResult(self.round, list(self.clients), {c: f for c, f in self.fits.items() if c not in self.excluded}, evaluations, objects, list(self.failures))
+        fits = {c: f for c, f in self.fits.items() if c not in self.excluded}
+        return RoundResult(self.round, list(self.clients), fits, evaluations, objects, list(self.failures), list(self.rejections))

@@ -1,0 +1,320 @@
+"""One benchmark measurement in its own process: fit + predict of one implementation.
+
+``python -m benchmarks.worker SPEC_JSON OUT_JSON`` reads a spec (implementation, backbone,
+layers, data set, resolution, training images, coreset ratio, options), runs it, and writes
+one JSON result: fit time split into feature extraction / coreset / index build, predict
+images per second, backbone-only images per second (fedpatch runs only), peak RSS of the fit
+and predict phases, bank size, image and pixel AUROC, and recall@1 of an approximate index.
+
+Both implementations see the same images (``benchmarks.data``), the same backbone weights
+(anomalib's timm extractor is loaded with fedpatch's weights and checked to give the same
+feature maps), the same layers, neighbourhood, resolution, coreset ratio and batch size, and
+two torch threads. anomalib is driven through its ``PatchcoreModel`` torch module, the code
+its Lightning module calls (``training_step``, ``fit``, ``validation_step``), without the
+Lightning engine's own overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks import data as bench_data
+from benchmarks.procmem import RssMonitor, lifetime_peak_mb
+
+
+@dataclass
+class Spec:
+    """What one worker measures."""
+
+    impl: str  # "fedpatch" or "anomalib"
+    backbone: str  # fedpatch name: "efficientnet_lite0" or "wide_resnet50_2"
+    dataset: str  # "magnetic" or "synthetic"
+    size: tuple[int, int]  # (W, H)
+    n_train: int
+    pretrained: bool = True
+    coreset_ratio: float = 0.1
+    batch_size: int = 8
+    predict: bool = True
+    options: dict[str, Any] = field(default_factory=dict)  # extra PatchCore options (fedpatch only)
+    indexes: list[str] = field(default_factory=list)  # fedpatch: also score with these bank indexes
+    label: str = ""  # variant name in the tables
+    cap_mb: float = 9000.0
+    coreset_timeout_s: float | None = None  # anomalib: stop the greedy loop after this long
+
+
+def _write(out: Path, result: dict[str, Any]) -> None:
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+
+
+def _scores_and_metrics(labels: list[int], scores: list[float], acc: Any) -> dict[str, float]:
+    from fedpatch.metrics import image_auroc
+
+    out = {"image_auroc": float("nan"), "pixel_auroc": float("nan")}
+    if 0 < sum(labels) < len(labels):
+        out["image_auroc"] = image_auroc(np.array(scores), np.array(labels))
+    summary = acc.summary()
+    if summary.positive_count.sum() > 0:
+        from fedpatch.metrics import _auroc_from_counts
+
+        counts = acc.negative_counts(summary.values)
+        out["pixel_auroc"] = _auroc_from_counts(summary.positive_count, counts.n_ge, counts.n_gt, summary.n_negative)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ fedpatch
+def run_fedpatch(spec: Spec, bench: bench_data.BenchData, mon: RssMonitor, result: dict[str, Any]) -> None:
+    from fedpatch import PatchCore
+
+    model = PatchCore(
+        spec.backbone, coreset_percentage=spec.coreset_ratio, device="cpu", pretrained=spec.pretrained,
+        batch_size=spec.batch_size, progress=True, **spec.options,
+    )
+    with torch.no_grad():  # warm-up: first-call allocations and kernel choices are not timed
+        model.embed(torch.zeros(1, 3, 64, 64))
+    result["rss_model_mb"] = mon.peak("start")
+    mon.phase("fit")
+    start, cpu = time.perf_counter(), time.process_time()
+    model.fit(bench.train_images())
+    result["fit_s"], result["fit_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
+    stats = model.fit_stats
+    result.update(extract_s=stats.extract_seconds, coreset_s=stats.coreset_seconds, index_s=stats.index_seconds)
+    result.update(bank_size=stats.bank_size, patches=stats.patches_seen, fit_peak_mb=mon.peak("fit"))
+    if not spec.predict:
+        return
+    images = bench.test_images()
+    _predict_fedpatch(model, bench, images, mon, result)
+    # backbone forward alone on the same images and batches: the ceiling of predict throughput
+    from fedpatch.patchcore import iter_image_batches
+
+    mon.phase("backbone")
+    wall = cpu = 0.0
+    for batch in iter_image_batches(images, spec.batch_size):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            model.extractor(batch)
+        wall, cpu = wall + time.perf_counter() - start, cpu + time.process_time() - cpu_start
+    result["backbone_ips"], result["backbone_cpu_ips"] = len(images) / wall, len(images) / cpu
+    bank = model.get_memory_bank()
+    result["variants"] = {}
+    for index in spec.indexes:
+        variant: dict[str, Any] = {}
+        model.config.index = index
+        start = time.perf_counter()
+        model.set_memory_bank(bank)
+        variant["index_s"] = time.perf_counter() - start
+        _predict_fedpatch(model, bench, images, mon, variant)
+        variant["recall_at_1"] = _recall_at_1(model, images[: max(2, len(images) // 4)])
+        result["variants"][index] = variant
+
+
+def _predict_fedpatch(model: Any, bench: bench_data.BenchData, images: list[torch.Tensor], mon: RssMonitor, result: dict[str, Any]) -> None:
+    """Score ``images``; record images per second (metric bookkeeping excluded), peak RSS, AUROCs."""
+    from fedpatch.metrics import PixelAccumulator
+
+    mon.phase("predict")
+    acc, scores = PixelAccumulator(), []
+    predict_s, predict_cpu = 0.0, 0.0
+    start, cpu = time.perf_counter(), time.process_time()
+    for i, prediction in enumerate(model.iter_predictions(images)):
+        predict_s, predict_cpu = predict_s + time.perf_counter() - start, predict_cpu + time.process_time() - cpu
+        scores.append(prediction.score)
+        acc.add_masked(prediction.anomaly_map, bench.test_mask(i) if bench.test[i].label else None)
+        start, cpu = time.perf_counter(), time.process_time()
+    result.update(predict_ips=len(images) / predict_s, predict_cpu_ips=len(images) / predict_cpu, predict_peak_mb=mon.peak("predict"))
+    result.update(_scores_and_metrics([item.label for item in bench.test], scores, acc))
+
+
+def _recall_at_1(model: Any, images: list[torch.Tensor]) -> float:
+    """Share of test patches whose approximate nearest bank vector is the exact one."""
+    import faiss
+
+    from fedpatch.features import extract_patch_features
+    from fedpatch.patchcore import iter_image_batches
+
+    bank = model.memory_bank
+    hits = total = 0
+    for batch in iter_image_batches(images, model.config.batch_size):
+        patches = extract_patch_features(model.embed(batch)).float().numpy()
+        _, approx = bank.search(patches, k=1)
+        exact_d, exact = faiss.knn(patches, np.ascontiguousarray(bank.vectors), 1)
+        approx_d = ((patches - bank.vectors[approx[:, 0]]) ** 2).sum(1)
+        hits += int(((approx[:, 0] == exact[:, 0]) | np.isclose(approx_d, exact_d[:, 0], rtol=1e-5)).sum())
+        total += len(patches)
+    return hits / total
+
+
+# ------------------------------------------------------------------------------------------ anomalib
+ANOMALIB_BACKBONE = {"efficientnet_lite0": "tf_efficientnet_lite0", "wide_resnet50_2": "wide_resnet50_2"}
+STEM_NAMES = {"efficientnet_lite0": ("conv_stem", "bn1"), "wide_resnet50_2": ("conv1", "bn1")}
+
+
+def _stage_of(key: str) -> str:
+    """The stage a timm state-dict key belongs to: ``blocks.5.0.bn1.weight`` -> ``blocks.5``."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+
+
+def _anomalib_model(spec: Spec, extractor: Any) -> Any:
+    """anomalib's PatchcoreModel on the same backbone, layers and weights as fedpatch's ``extractor``."""
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    model = PatchcoreModel(layers=list(extractor.layers), backbone=ANOMALIB_BACKBONE[spec.backbone], pre_trained=False, num_neighbors=9)
+    state = {}
+    stem = STEM_NAMES[spec.backbone]
+    for key, value in extractor.state_dict().items():
+        _, index, rest = key.split(".", 2)
+        name = extractor.stage_names[int(index)]
+        if name == "stem":
+            sub, tail = rest.split(".", 1)
+            state[f"{stem[int(sub)]}.{tail}"] = value
+        else:
+            state[f"{name}.{rest}"] = value
+    target = model.feature_extractor.feature_extractor
+    missing, _ = target.load_state_dict(state, strict=False)
+    # timm's features_only EfficientNet keeps the blocks after the deepest requested layer (they
+    # run, their outputs are unused): only keys of the stages fedpatch builds must be loaded.
+    built = set(STEM_NAMES[spec.backbone]) | set(extractor.stage_names)
+    missing = [key for key in missing if _stage_of(key) in built]
+    if missing:
+        raise RuntimeError(f"anomalib backbone keys not loaded from fedpatch's weights: {missing[:5]}")
+    probe = torch.rand(1, 3, 96, 128)
+    with torch.no_grad():
+        ours = extractor(probe)
+        theirs = model.feature_extractor(extractor.normalize(probe))
+    for layer in extractor.layers:
+        if not torch.allclose(ours[layer], theirs[layer], rtol=1e-3, atol=1e-4):
+            raise RuntimeError(f"anomalib's {layer} features differ from fedpatch's: the weights were not mapped")
+    return model
+
+
+def run_anomalib(spec: Spec, bench: bench_data.BenchData, mon: RssMonitor, result: dict[str, Any], out: Path) -> None:
+    from anomalib.models.components.sampling import k_center_greedy
+
+    from fedpatch.backbone import FeatureExtractor
+    from fedpatch.metrics import PixelAccumulator
+    from fedpatch.patchcore import iter_image_batches
+
+    extractor = FeatureExtractor(spec.backbone, pretrained=spec.pretrained)
+    model = _anomalib_model(spec, extractor)
+    normalize = extractor.normalize
+    del extractor
+    with torch.no_grad():  # warm-up, as for fedpatch
+        model.feature_extractor(torch.zeros(1, 3, 64, 64))
+    result["rss_model_mb"] = mon.peak("start")
+    mon.phase("fit")
+    model.train()
+    start, cpu = time.perf_counter(), time.process_time()
+    with tqdm(total=len(bench.train), desc="anomalib fit: features", unit="img") as bar:
+        for batch in iter_image_batches(bench.train_images(), spec.batch_size):
+            model(normalize(batch))
+            bar.update(batch.shape[0])
+    result["extract_s"], extract_cpu = time.perf_counter() - start, time.process_time() - cpu
+    result["patches"] = int(sum(e.shape[0] for e in model.embedding_store))
+    result["fit_peak_extract_mb"] = mon.peak("fit")
+    _write(out, {**result, "status": "running coreset"})
+    if spec.coreset_timeout_s is not None:
+        k_center_greedy.tqdm = _deadline_tqdm(spec.coreset_timeout_s)
+    torch.manual_seed(0)  # anomalib draws its first pick from torch's global generator
+    start, cpu = time.perf_counter(), time.process_time()
+    try:
+        model.subsample_embedding(spec.coreset_ratio)
+    except _Deadline as stop:
+        result["coreset_s"] = time.perf_counter() - start
+        result["status"] = f"coreset stopped after {spec.coreset_timeout_s:.0f} s ({stop.done} of {stop.total} picks)"
+        result["coreset_projected_s"] = result["coreset_s"] * stop.total / max(stop.done, 1)
+        result["fit_peak_mb"] = mon.peak("fit")
+        return
+    result["coreset_s"] = time.perf_counter() - start
+    result["index_s"] = 0.0
+    result["fit_s"] = result["extract_s"] + result["coreset_s"]
+    result["fit_cpu_s"] = extract_cpu + time.process_time() - cpu
+    result.update(bank_size=int(model.memory_bank.shape[0]), fit_peak_mb=mon.peak("fit"))
+    if not spec.predict:
+        return
+    images = bench.test_images()
+    model.eval()
+    mon.phase("predict")
+    acc, scores = PixelAccumulator(), []
+    predict_s = predict_cpu = 0.0
+    index = 0
+    start, cpu = time.perf_counter(), time.process_time()
+    for batch in iter_image_batches(images, spec.batch_size):  # batching timed, as in fedpatch's predict
+        with torch.no_grad():
+            output = model(normalize(batch))
+        maps = output.anomaly_map.squeeze(1).numpy()
+        predict_s, predict_cpu = predict_s + time.perf_counter() - start, predict_cpu + time.process_time() - cpu
+        for i in range(batch.shape[0]):
+            scores.append(float(output.pred_score[i]))
+            acc.add_masked(maps[i], bench.test_mask(index) if bench.test[index].label else None)
+            index += 1
+        start, cpu = time.perf_counter(), time.process_time()
+    result.update(predict_ips=len(images) / predict_s, predict_cpu_ips=len(images) / predict_cpu, predict_peak_mb=mon.peak("predict"))
+    result.update(_scores_and_metrics([item.label for item in bench.test], scores, acc))
+
+
+class _Deadline(Exception):
+    def __init__(self, done: int, total: int) -> None:
+        super().__init__(f"{done}/{total}")
+        self.done, self.total = done, total
+
+
+def _deadline_tqdm(seconds: float) -> Any:
+    """A tqdm stand-in for anomalib's greedy loop that raises ``_Deadline`` after ``seconds``."""
+
+    def wrapped(iterable: Any, **kwargs: Any) -> Any:
+        items = list(iterable)
+        start = time.perf_counter()
+        for done, item in enumerate(tqdm(items, **kwargs)):
+            if time.perf_counter() - start > seconds:
+                raise _Deadline(done, len(items))
+            yield item
+
+    return wrapped
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str]) -> int:
+    spec_dict = json.loads(Path(argv[0]).read_text())
+    spec_dict["size"] = tuple(spec_dict["size"])
+    spec = Spec(**spec_dict)
+    out = Path(argv[1])
+    torch.set_num_threads(2)
+    result: dict[str, Any] = {"spec": spec_dict, "status": "running"}
+
+    def on_cap(phase: str, rss: float) -> None:
+        _write(out, {**result, "status": f"out of memory: RSS {rss:.0f} MiB above the {spec.cap_mb:.0f} MiB cap during {phase}",
+                     "fit_peak_mb": rss})
+
+    mon = RssMonitor(spec.cap_mb, on_cap)
+    try:
+        bench = bench_data.load(spec.dataset, spec.size, spec.n_train)
+        if spec.impl == "fedpatch":
+            run_fedpatch(spec, bench, mon, result)
+        elif spec.impl == "anomalib":
+            run_anomalib(spec, bench, mon, result, out)
+        else:
+            raise ValueError(f"unknown implementation {spec.impl!r}")
+        if result["status"] == "running":
+            result["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - the error goes into the result table
+        traceback.print_exc()
+        result["status"] = f"error: {type(exc).__name__}: {exc}"
+    result["lifetime_peak_mb"] = lifetime_peak_mb()
+    _write(out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
