@@ -37,3 +37,4 @@ bench: $(BENCH_STAMP)
 	$(BENCH_PY) -m benchmarks.coreset_bench
 	$(BENCH_PY) -m benchmarks.run --suite main --anomalib-python $(BENCH_PY) --fedpatch-python $(BENCH_PY)
 	$(BENCH_PY) -m benchmarks.run --suite scaling --anomalib-python $(BENCH_PY) --fedpatch-python $(BENCH_PY)
+	$(BENCH_PY) -m benchmarks.fit_memory

@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fedpatch.anomaly_map import patch_scores_to_maps, reweighted_image_score
-from fedpatch.backbone import FeatureExtractor, get_backbone_spec
 from fedpatch.atomic import atomic_save
+from fedpatch.backbone import FeatureExtractor, get_backbone_spec
 from fedpatch.coreset import StreamingCoreset
 from fedpatch.errors import BankValidationError, ModelFileError
 from fedpatch.features import aggregate_features, extract_patch_features, reduce_channels

@@ -32,6 +32,7 @@ import torch
 
 from fedpatch import cli
 from fedpatch.data.synthetic import generate_autovi_dataset
+from fedpatch.deploy.processes import alive, descendants, free_port
 from fedpatch.patchcore import read_model_file
 from fedpatch.report import read_results_csv
 
@@ -43,45 +44,12 @@ TINY = "model.backbone=resnet18; model.layers=null; model.pretrained=false; mode
 RUN_TIMEOUT = 420
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (from /proc), to stop exactly what the SuperLink started."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 class Federation:
     """A private SuperLink and the ``flwr run`` command against it."""
 
     def __init__(self, home: Path, data: Path, out: Path) -> None:
         self.home, self.data, self.out = home, data, out
-        self.port = _free_port()
+        self.port = free_port()
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n',
@@ -123,7 +91,7 @@ class Federation:
             "--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1 {federation}".strip(),
         ]  # fmt: skip
         done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-        self.started |= _descendants(self.process.pid)
+        self.started |= descendants(self.process.pid)
         log = done.stdout + done.stderr
         summary = out / "federation.json"
         assert summary.is_file(), f"the run wrote no federation.json (exit {done.returncode}):\n{log[-6000:]}"
@@ -131,25 +99,25 @@ class Federation:
 
     def close(self) -> None:
         """Stop the SuperLink and everything it started, by pid; wait until they are gone."""
-        pids = self.started | _descendants(self.process.pid) | {self.process.pid}
+        pids = self.started | descendants(self.process.pid) | {self.process.pid}
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in pids:
-                if _alive(pid):
+                if alive(pid):
                     try:
                         os.kill(pid, sig)
                     except ProcessLookupError:
                         pass
             deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            while time.monotonic() < deadline and any(alive(p) for p in pids):
                 if self.process.poll() is None:
                     time.sleep(0.2)
                 else:
                     time.sleep(0.1)
-            if not any(_alive(p) for p in pids):
+            if not any(alive(p) for p in pids):
                 break
         self.process.wait(timeout=10)
         self.log.close()
-        self.leftover = sorted(p for p in pids if _alive(p))
+        self.leftover = sorted(p for p in pids if alive(p))
 
 
 @pytest.fixture(scope="module")
