@@ -156,16 +156,17 @@ class MemoryBank:
     def __len__(self) -> int:
         return self._vectors.shape[0] + sum(p.shape[0] for p in self._pending)
 
-    def add(self, features: np.ndarray, *, copy: bool = True) -> None:
+    def add(self, features: np.ndarray, *, copy: bool = True, source: str = "features") -> None:
         """Append ``[n, feature_dim]`` vectors (validated: finite floats of the right width).
 
         ``copy=False`` lets the bank keep a float32 contiguous array itself instead of a copy
         (the caller hands it over and must not modify it): a fit's bank is then held once,
-        not twice, at the end of fitting.
+        not twice, at the end of fitting. ``source`` names the vectors in validation errors
+        (a file, "memory bank"), so callers need not validate a large bank a second time.
         """
-        source = np.asarray(features)
-        array = validate_bank_array(source, self.feature_dim)
-        if copy and np.shares_memory(array, source):
+        given = np.asarray(features)
+        array = validate_bank_array(given, self.feature_dim, source=source)
+        if copy and np.shares_memory(array, given):
             array = array.copy()  # the bank must not alias the caller's buffer
         if self.max_size is not None and len(self) + array.shape[0] > self.max_size:
             raise BankValidationError(
@@ -280,6 +281,6 @@ class MemoryBank:
         except ValueError as exc:
             raise ModelFileError(f"{file}: header field 'index': {exc}") from None
         bank = cls(int(meta["feature_dim"]), json.loads(meta.get("max_size", "null")), index=index)
-        bank.add(validate_bank_array(vectors, bank.feature_dim, source=str(file)))
+        bank.add(vectors, copy=False, source=str(file))  # the loaded array is ours alone
         bank.build_index()
         return bank

@@ -31,7 +31,7 @@ from fedpatch.backbone import FeatureExtractor, get_backbone_spec
 from fedpatch.coreset import StreamingCoreset
 from fedpatch.errors import BankValidationError, ModelFileError
 from fedpatch.features import aggregate_features, extract_patch_features, reduce_channels
-from fedpatch.memory_bank import IndexSpec, MemoryBank, validate_bank_array
+from fedpatch.memory_bank import IndexSpec, MemoryBank
 
 LOGGER = logging.getLogger(__name__)
 MODEL_FORMAT = "fedpatch-patchcore/1"
@@ -326,9 +326,8 @@ class PatchCore:
         ``copy=False`` hands ``features`` over (no second copy of a large bank; the caller
         must not modify it afterwards).
         """
-        array = validate_bank_array(np.asarray(features), self.feature_dim, source="memory bank")
         bank = MemoryBank(self.feature_dim, index=self.config.index)
-        bank.add(array, copy=copy)
+        bank.add(features, copy=copy, source="memory bank")
         bank.build_index()
         self.memory_bank = bank
 
