@@ -27,15 +27,9 @@ from fedpatch.maps_io import read_image_scores
 from fedpatch.patchcore import read_model_file
 from fedpatch.report import read_results_csv
 from fedpatch.workflow import calibration_split, fit_local, open_object
+from tiny_run import OBJECTS, QUIET, TINY_SETS
 
-OBJECTS = ("pipe_clip", "tank_screw")
-TINY = [
-    "--set", "model.backbone=resnet18",
-    "--set", "model.pretrained=false",
-    "--set", "data.resize_small=[64,64]",
-    "--set", "data.resize_large=[96,72]",
-    "--set", "runtime.progress=false",
-]
+TINY = TINY_SETS + QUIET
 SIZES = {"pipe_clip": (64, 64), "tank_screw": (96, 72)}  # working (W, H) after the overrides
 
 

@@ -20,15 +20,10 @@ from fedpatch.data import open_dataset
 from fedpatch.data.synthetic import generate_autovi_dataset
 from fedpatch.maps_io import read_image_scores
 from fedpatch.patchcore import PatchCore
+from tiny_run import OBJECTS, TINY_SETS
 
 REPO = Path(__file__).resolve().parents[1]
-OBJECTS = ("pipe_clip", "tank_screw")
-TINY = [
-    "--set", "model.backbone=resnet18",
-    "--set", "model.pretrained=false",
-    "--set", "data.resize_small=[64,64]",
-    "--set", "data.resize_large=[96,72]",
-]
+TINY = TINY_SETS
 
 
 def run_fedpatch(*args: str) -> subprocess.CompletedProcess:

@@ -20,16 +20,9 @@ from fedpatch import baseline, cli
 from fedpatch.atomic import atomic_save, atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
 from fedpatch.data.synthetic import generate_autovi_dataset
 from fedpatch.patchcore import read_model_file
+from tiny_run import OBJECTS, QUIET, TINY_SETS
 
-OBJECTS = ("pipe_clip", "tank_screw")
-TINY = [
-    "--set", "model.backbone=resnet18",
-    "--set", "model.pretrained=false",
-    "--set", "data.resize_small=[64,64]",
-    "--set", "data.resize_large=[96,72]",
-    "--set", "runtime.progress=false",
-    "--set", "evaluation.max_overlays=2",
-]
+TINY = [*TINY_SETS, *QUIET, "--set", "evaluation.max_overlays=2"]
 VOLATILE = {"seconds", "total_seconds", "peak_rss_mib", "fit_seconds", "extract_seconds", "coreset_seconds", "index_seconds", "calibration_seconds"}
 
 
