@@ -234,7 +234,7 @@ def run_by_object(grid: Grid, config: RunConfig, settings: AppSettings, feature_
         checkpoint.save(out_dir)  # written last: the object counts as complete only now
         checkpoints[name] = checkpoint
         log(INFO, "resume: %s done and checkpointed", name)
-    extra = {"status": "completed", "nodes": [str(n) for n in nodes], "num_rounds": settings.num_rounds, "settings": _settings_json(settings)}
+    extra = _completed(settings, nodes)
     write_resumed_outputs(out_dir, config, checkpoints, resumed, extra)
     return result
 
@@ -260,7 +260,7 @@ def run_federation(grid: Grid, config: RunConfig, settings: AppSettings) -> Roun
         else:
             communication = CommunicationLog()
             result = run_rounds(grid, config, settings, feature_dim, nodes, settings.objects, communication, record)
-            extra = {"status": "completed", "nodes": [str(n) for n in nodes], "num_rounds": settings.num_rounds, "settings": _settings_json(settings)}
+            extra = _completed(settings, nodes)
             write_outputs(out_dir, config, result, communication, record.failures, extra, record.rejections)
     except FederationError as exc:
         record.absorb()
@@ -274,6 +274,11 @@ def run_federation(grid: Grid, config: RunConfig, settings: AppSettings) -> Roun
 
 def _settings_json(settings: AppSettings) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()}
+
+
+def _completed(settings: AppSettings, nodes: Sequence[int]) -> dict[str, Any]:
+    """The run-level fields of ``federation.json`` for a run that finished."""
+    return {"status": "completed", "nodes": [str(n) for n in nodes], "num_rounds": settings.num_rounds, "settings": _settings_json(settings)}
 
 
 def _log_round(result: RoundResult, communication: CommunicationLog) -> None:
