@@ -99,11 +99,14 @@ def magnetic(size: tuple[int, int], n_train: int) -> BenchData:
     return BenchData("magnetic", size, tuple(free[:n_train]), tuple(test))
 
 
-def synthetic(size: tuple[int, int], n_train: int, generate_train: int = 300) -> BenchData:
+def synthetic(size: tuple[int, int], n_train: int, generate_train: int | None = None) -> BenchData:
     """Generated AutoVI-format data at ``size``; the set is generated once with ``generate_train``
-    training images and the first ``n_train`` are used."""
+    training images (default ``$FEDPATCH_BENCH_GENERATE`` or 300: fewer saves time on a machine
+    that runs only small configurations) and the first ``n_train`` are used."""
     from fedpatch.data.synthetic import generate_autovi_dataset
 
+    if generate_train is None:
+        generate_train = int(os.environ.get("FEDPATCH_BENCH_GENERATE", "300"))
     obj = synthetic_object(size)
     root = cache_dir() / f"synthetic-{generate_train}"
     folder = root / obj

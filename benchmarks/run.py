@@ -3,6 +3,8 @@
     python -m benchmarks.run --suite main     # the matrix: backbones x resolutions x data sets
     python -m benchmarks.run --suite scaling  # fit time and peak memory against training images
     python -m benchmarks.run --suite index    # fedpatch: exact vs approximate bank search on large banks
+    python -m benchmarks.run --suite gpu      # fedpatch on a CUDA GPU vs 2 CPU threads of the same machine
+    python -m benchmarks.run --suite parity   # magnetic tiles, 70 training images, three coreset seeds each
     python -m benchmarks.run --suite tiny     # seconds; what tests/test_benchmarks.py runs
 
 Each (configuration, implementation) pair runs in its own subprocess (``benchmarks.worker``),
@@ -44,6 +46,17 @@ OMP_WAIT_POLICY=PASSIVE is what ``import fedpatch`` sets by default (fedpatch/ba
 workers import torch first, so it is set for both implementations here."""
 
 
+MATRIX: list[dict[str, Any]] = [
+    dict(backbone=LITE, dataset="magnetic", size=(256, 256), n_train=20),
+    dict(backbone=WRN, pretrained=False, dataset="synthetic", size=(256, 256), n_train=10),
+    dict(backbone=LITE, dataset="synthetic", size=(400, 400), n_train=8),
+    dict(backbone=WRN, pretrained=False, dataset="synthetic", size=(400, 400), n_train=5),
+    dict(backbone=LITE, dataset="synthetic", size=(1000, 750), n_train=2),
+    dict(backbone=WRN, pretrained=False, dataset="synthetic", size=(1000, 750), n_train=2),
+]
+"""The configurations of ``--suite main`` (and, on a GPU, ``--suite gpu``)."""
+
+
 def suite_specs(suite: str) -> list[list[Spec]]:
     """Groups of specs; the specs of a group share one configuration (one per implementation)."""
     pair = lambda **kw: [Spec(impl="fedpatch", **kw), Spec(impl="anomalib", coreset_timeout_s=300, **kw)]  # noqa: E731
@@ -52,14 +65,7 @@ def suite_specs(suite: str) -> list[list[Spec]]:
     if suite == "main":
         # training sets are small because anomalib's greedy coreset costs N^2 (71,680 patches took
         # it 218 s on quiet cores; benchmarks.coreset_bench covers that reference on its own)
-        return [
-            pair(backbone=LITE, dataset="magnetic", size=(256, 256), n_train=20),
-            pair(backbone=WRN, pretrained=False, dataset="synthetic", size=(256, 256), n_train=10),
-            pair(backbone=LITE, dataset="synthetic", size=(400, 400), n_train=8),
-            pair(backbone=WRN, pretrained=False, dataset="synthetic", size=(400, 400), n_train=5),
-            pair(backbone=LITE, dataset="synthetic", size=(1000, 750), n_train=2),
-            pair(backbone=WRN, pretrained=False, dataset="synthetic", size=(1000, 750), n_train=2),
-        ]
+        return [pair(**config) for config in MATRIX]
     if suite == "scaling":
         groups = []
         for n in (5, 10, 20):
@@ -75,6 +81,25 @@ def suite_specs(suite: str) -> list[list[Spec]]:
             [Spec(impl="fedpatch", backbone=LITE, dataset="synthetic", size=(1000, 750), n_train=20)],
             [Spec(impl="fedpatch", backbone=WRN, pretrained=False, dataset="synthetic", size=(1000, 750), n_train=6)],
         ]
+    if suite == "parity":
+        # the real-data protocol of tests/test_core_realdata.py (70 training images) with three
+        # coreset seeds each: how much of a difference in AUROC is the seed alone
+        return [
+            [Spec(impl="fedpatch", seed=seed, **{**MATRIX[0], "n_train": 70}), Spec(impl="anomalib", seed=seed, **{**MATRIX[0], "n_train": 70})]
+            for seed in (0, 1, 2)
+        ]
+    if suite == "gpu":
+        # fedpatch alone (anomalib's dependencies are not installed on the lent GPU machines);
+        # each configuration of the matrix on the GPU and on 2 threads of the same machine's CPU,
+        # the magnetic tiles with the full 70-image protocol of tests/test_core_realdata.py
+        configs = [{**MATRIX[0], "n_train": 70}, *MATRIX[1:]]
+        groups = [[Spec(impl="fedpatch", device="cuda", **c), Spec(impl="fedpatch", device="cpu", **c)] for c in configs]
+        # realistic banks at 1000x750 (23,500 vectors): the CPU's exact search would take minutes per image
+        groups += [
+            [Spec(impl="fedpatch", device="cuda", backbone=LITE, dataset="synthetic", size=(1000, 750), n_train=20)],
+            [Spec(impl="fedpatch", device="cuda", backbone=WRN, pretrained=False, dataset="synthetic", size=(1000, 750), n_train=20)],
+        ]
+        return groups
     raise ValueError(f"unknown suite {suite!r}")
 
 
@@ -112,8 +137,10 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
         "size": "x".join(map(str, spec["size"])),
         "n_train": spec["n_train"],
     }
-    keys = ("fit_s", "extract_s", "coreset_s", "coreset_projected_s", "index_s", "fit_cpu_s", "predict_ips", "predict_cpu_ips", "backbone_ips", "backbone_cpu_ips", "fit_peak_mb", "predict_peak_mb", "bank_size", "image_auroc", "pixel_auroc", "recall_at_1")
-    main = {**base, "impl": spec["impl"], **{k: result.get(k) for k in keys}, "status": result.get("status")}
+    keys = ("fit_s", "extract_s", "coreset_s", "coreset_projected_s", "index_s", "fit_cpu_s", "predict_ips", "predict_cpu_ips", "backbone_ips", "backbone_cpu_ips", "fit_peak_mb", "predict_peak_mb", "fit_gpu_mb", "predict_gpu_mb", "warmup_s", "bank_size", "image_auroc", "pixel_auroc", "recall_at_1")
+    main = {**base, "impl": spec["impl"], "device": result.get("device_name", spec.get("device", "cpu")), **{k: result.get(k) for k in keys}, "status": result.get("status")}
+    if spec.get("seed") is not None:
+        main["seed"] = spec["seed"]
     rows = [main]
     for index, variant in (result.get("variants") or {}).items():
         row = {**main, "impl": f"fedpatch index={index}", **{k: variant.get(k) for k in ("index_s", "predict_ips", "predict_cpu_ips", "predict_peak_mb", "image_auroc", "pixel_auroc", "recall_at_1")}}
@@ -155,6 +182,26 @@ def ratios_of(group: list[dict[str, Any]]) -> dict[str, Any] | None:
     return out
 
 
+def gpu_ratios_of(group: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """fedpatch on the GPU vs on the CPU, one configuration (higher favours the GPU)."""
+    by_device = {r["spec"].get("device", "cpu"): r for r in group}
+    gpu, cpu = by_device.get("cuda"), by_device.get("cpu")
+    if gpu is None or cpu is None or gpu.get("status") != "ok" or cpu.get("status") != "ok":
+        return None
+    spec = gpu["spec"]
+    return {
+        "config": f"{spec['backbone']} {spec['dataset']} {'x'.join(map(str, spec['size']))} n={spec['n_train']}",
+        "fit_speedup": cpu["fit_s"] / gpu["fit_s"],
+        "extract_speedup": cpu["extract_s"] / gpu["extract_s"],
+        "coreset_speedup": cpu["coreset_s"] / gpu["coreset_s"],
+        "predict_speedup": gpu["predict_ips"] / cpu["predict_ips"],
+        "predict_vs_backbone_gpu": gpu["predict_ips"] / gpu["backbone_ips"],
+        "predict_vs_backbone_cpu": cpu["predict_ips"] / cpu["backbone_ips"],
+        "image_auroc_delta": gpu["image_auroc"] - cpu["image_auroc"],
+        "pixel_auroc_delta": gpu["pixel_auroc"] - cpu["pixel_auroc"],
+    }
+
+
 def _projected_fit(result: dict[str, Any]) -> float | None:
     """anomalib's fit time when its greedy loop was stopped: extraction + extrapolated coreset."""
     if "coreset_projected_s" in result and "extract_s" in result:
@@ -184,6 +231,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def write_tables(suite: str, groups: list[list[dict[str, Any]]], out: Path, command: str) -> None:
     rows = [row for group in groups for result in group for row in rows_of(result)]
     ratios = [r for r in (ratios_of(group) for group in groups) if r is not None]
+    gpu_ratios = [r for r in (gpu_ratios_of(group) for group in groups) if r is not None]
     (out / f"{suite}.json").write_text(json.dumps(groups, indent=1))
     with (out / f"{suite}.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
@@ -192,6 +240,8 @@ def write_tables(suite: str, groups: list[list[dict[str, Any]]], out: Path, comm
     text = [f"# benchmark suite `{suite}`\n", f"Command: `{command}`\n", "Times in seconds (wall clock; `_cpu` = process CPU time, less sensitive to other load on the machine), memory = peak resident set size (MiB) of the phase, in its own process; predict and backbone in images per second.\n", markdown(rows)]
     if ratios:
         text += ["\n## fedpatch vs anomalib (ratios > 1 favour fedpatch; predict_vs_backbone = fedpatch predict / its backbone forward alone)\n", markdown(ratios)]
+    if gpu_ratios:
+        text += ["\n## fedpatch on the GPU vs 2 threads of the same machine's CPU (ratios > 1 favour the GPU; `_gpu_mb` = peak GPU memory torch allocated)\n", markdown(gpu_ratios)]
     (out / f"{suite}.md").write_text("\n".join(text))
 
 
@@ -229,7 +279,7 @@ def plot_scaling(groups: list[list[dict[str, Any]]], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=("tiny", "main", "scaling", "index"), default="main")
+    parser.add_argument("--suite", choices=("tiny", "main", "scaling", "index", "gpu", "parity"), default="main")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--anomalib-python", default=str(REPO / ".venv-bench" / "bin" / "python"))
     parser.add_argument("--fedpatch-python", default=sys.executable)
@@ -252,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in group:
             if spec.impl == "fedpatch":
                 spec.indexes = list(indexes) if spec.predict else []
-            label = f"[{number + 1}/{len(specs)}] {spec.impl} {spec.backbone} {spec.dataset} {spec.size[0]}x{spec.size[1]} n={spec.n_train}"
+            label = f"[{number + 1}/{len(specs)}] {spec.impl} ({spec.device}) {spec.backbone} {spec.dataset} {spec.size[0]}x{spec.size[1]} n={spec.n_train}"
             if spec.impl == "anomalib" and not have_anomalib:
                 results.append({"spec": asdict(spec), "status": f"anomalib not importable with {args.anomalib_python}"})
                 continue

@@ -48,6 +48,8 @@ class Spec:
     options: dict[str, Any] = field(default_factory=dict)  # extra PatchCore options (fedpatch only)
     indexes: list[str] = field(default_factory=list)  # fedpatch: also score with these bank indexes
     label: str = ""  # variant name in the tables
+    device: str = "cpu"  # fedpatch: "cpu" or "cuda" (anomalib runs on the CPU)
+    seed: int | None = None  # coreset seed (None: fedpatch's default 42, anomalib's torch seed 0)
     cap_mb: float = 9000.0
     coreset_timeout_s: float | None = None  # anomalib: stop the greedy loop after this long
 
@@ -76,25 +78,39 @@ def _scores_and_metrics(labels: list[int], scores: list[float], acc: Any) -> dic
 # ------------------------------------------------------------------------------------------ fedpatch
 def run_fedpatch(spec: Spec, bench: bench_data.BenchData, mon: RssMonitor, result: dict[str, Any]) -> None:
     from fedpatch import PatchCore
+    from fedpatch.coreset import greedy_coreset_indices
 
     model = PatchCore(
-        spec.backbone, coreset_percentage=spec.coreset_ratio, device="cpu", pretrained=spec.pretrained,
-        batch_size=spec.batch_size, progress=True, **spec.options,
+        spec.backbone, coreset_percentage=spec.coreset_ratio, device=spec.device, pretrained=spec.pretrained,
+        batch_size=spec.batch_size, progress=True, **({"seed": spec.seed} if spec.seed is not None else {}), **spec.options,
     )
+    cuda = model.device.type == "cuda"
+    result["device_name"] = torch.cuda.get_device_name(model.device) if cuda else "cpu"
+    start = time.perf_counter()
     with torch.no_grad():  # warm-up: first-call allocations and kernel choices are not timed
-        model.embed(torch.zeros(1, 3, 64, 64))
+        model.embed(torch.zeros(1, 3, *reversed(spec.size), device=model.device))
+        if cuda:  # and the GPU's lazily loaded kernels of the greedy selection
+            greedy_coreset_indices(torch.rand(64, model.feature_dim, device=model.device), 4)
+    result["warmup_s"] = time.perf_counter() - start
     result["rss_model_mb"] = mon.peak("start")
     mon.phase("fit")
+    _reset_gpu_peak(cuda)
     start, cpu = time.perf_counter(), time.process_time()
     model.fit(bench.train_images())
     result["fit_s"], result["fit_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
     stats = model.fit_stats
     result.update(extract_s=stats.extract_seconds, coreset_s=stats.coreset_seconds, index_s=stats.index_seconds)
-    result.update(bank_size=stats.bank_size, patches=stats.patches_seen, fit_peak_mb=mon.peak("fit"))
+    result.update(bank_size=stats.bank_size, patches=stats.patches_seen, fit_peak_mb=mon.peak("fit"), fit_gpu_mb=_gpu_peak(cuda))
     if not spec.predict:
         return
     images = bench.test_images()
+    if cuda:  # one untimed batch: the search and post-processing kernels load on first use
+        start = time.perf_counter()
+        list(model.iter_predictions(images[: spec.batch_size]))
+        result["warmup_s"] += time.perf_counter() - start
+    _reset_gpu_peak(cuda)
     _predict_fedpatch(model, bench, images, mon, result)
+    result["predict_gpu_mb"] = _gpu_peak(cuda)
     # backbone forward alone on the same images and batches: the ceiling of predict throughput
     from fedpatch.patchcore import iter_image_batches
 
@@ -103,7 +119,9 @@ def run_fedpatch(spec: Spec, bench: bench_data.BenchData, mon: RssMonitor, resul
     for batch in iter_image_batches(images, spec.batch_size):
         start, cpu_start = time.perf_counter(), time.process_time()
         with torch.no_grad():
-            model.extractor(batch)
+            model.extractor(batch.to(model.device))
+        if cuda:
+            torch.cuda.synchronize(model.device)  # the forward is asynchronous on a GPU
         wall, cpu = wall + time.perf_counter() - start, cpu + time.process_time() - cpu_start
     result["backbone_ips"], result["backbone_cpu_ips"] = len(images) / wall, len(images) / cpu
     bank = model.get_memory_bank()
@@ -117,6 +135,17 @@ def run_fedpatch(spec: Spec, bench: bench_data.BenchData, mon: RssMonitor, resul
         _predict_fedpatch(model, bench, images, mon, variant)
         variant["recall_at_1"] = _recall_at_1(model, images[: max(2, len(images) // 4)])
         result["variants"][index] = variant
+
+
+def _reset_gpu_peak(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_peak(cuda: bool) -> float | None:
+    """Peak GPU memory (MiB) allocated by torch since the last reset, or None on the CPU."""
+    return torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 
 
 def _predict_fedpatch(model: Any, bench: bench_data.BenchData, images: list[torch.Tensor], mon: RssMonitor, result: dict[str, Any]) -> None:
@@ -146,7 +175,7 @@ def _recall_at_1(model: Any, images: list[torch.Tensor]) -> float:
     bank = model.memory_bank
     hits = total = 0
     for batch in iter_image_batches(images, model.config.batch_size):
-        patches = extract_patch_features(model.embed(batch)).float().numpy()
+        patches = extract_patch_features(model.embed(batch)).float().cpu().numpy()
         _, approx = bank.search(patches, k=1)
         exact_d, exact = faiss.knn(patches, np.ascontiguousarray(bank.vectors), 1)
         approx_d = ((patches - bank.vectors[approx[:, 0]]) ** 2).sum(1)
@@ -206,7 +235,7 @@ def run_anomalib(spec: Spec, bench: bench_data.BenchData, mon: RssMonitor, resul
     from fedpatch.metrics import PixelAccumulator
     from fedpatch.patchcore import iter_image_batches
 
-    extractor = FeatureExtractor(spec.backbone, pretrained=spec.pretrained)
+    extractor = FeatureExtractor(spec.backbone, pretrained=spec.pretrained, fuse=False)  # timm key layout
     model = _anomalib_model(spec, extractor)
     normalize = extractor.normalize
     del extractor
@@ -226,7 +255,7 @@ def run_anomalib(spec: Spec, bench: bench_data.BenchData, mon: RssMonitor, resul
     _write(out, {**result, "status": "running coreset"})
     if spec.coreset_timeout_s is not None:
         k_center_greedy.tqdm = _deadline_tqdm(spec.coreset_timeout_s)
-    torch.manual_seed(0)  # anomalib draws its first pick from torch's global generator
+    torch.manual_seed(spec.seed or 0)  # anomalib draws its first pick from torch's global generator
     start, cpu = time.perf_counter(), time.process_time()
     try:
         model.subsample_embedding(spec.coreset_ratio)

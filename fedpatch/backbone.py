@@ -9,6 +9,10 @@ The extractor owns its preprocessing: ``forward`` takes images in [0, 1] and app
 normalisation that the weights were trained with (ImageNet mean/std for torchvision models,
 mean = std = 0.5 for the TF-ported EfficientNet-Lite weights).
 
+For speed the frozen network is rewritten once it is built: BatchNorm is folded into the
+convolutions (``fedpatch.fusion``) and CPU inputs run in the channels-last layout; on a GPU
+cuDNN's TF32 mode is off inside ``forward`` so GPU features match the CPU's.
+
 Weights:
 - torchvision models use torchvision's weights API (download into the torch hub cache when
   online, read from the cache when not); ``weights=PATH`` loads a local state dict instead.
@@ -25,7 +29,8 @@ import importlib
 import os
 import re
 import urllib.error
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +46,7 @@ import torch  # noqa: E402 - after the OpenMP setting above
 from torch import nn  # noqa: E402
 
 from fedpatch.errors import ModelFileError, WeightsUnavailableError
+from fedpatch.fusion import fold_batchnorm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -231,6 +237,24 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], name: str) ->
 # ---------------------------------------------------------------------------------------------
 # The extractor
 # ---------------------------------------------------------------------------------------------
+@contextmanager
+def _full_fp32_convolutions(active: bool) -> Iterator[None]:
+    """Run cuDNN convolutions in full float32 (cuDNN's default may use TF32 on recent GPUs).
+
+    TF32 keeps 10 mantissa bits: the features move by ~1e-3 relative, enough to change which
+    patches the greedy coreset picks, so GPU and CPU models of the same images would differ.
+    """
+    if not active:
+        yield
+        return
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+
+
 class FeatureExtractor(nn.Module):
     """A frozen backbone returning the feature maps of the requested layers.
 
@@ -242,6 +266,14 @@ class FeatureExtractor(nn.Module):
             weights.
         weights: a local state-dict file (``.safetensors``, ``.pt``, ``.pth``) used instead of
             the default weights source.
+        fuse: fold BatchNorm into the convolutions (``fedpatch.fusion``) and, on the CPU, run
+            in the channels-last memory layout: the same features to ~3e-6 relative, 1.9x
+            (WideResNet-50-2, 1000x750) to 2.7x (efficientnet_lite0) faster on 2 CPU cores.
+            GPU inputs stay in the default layout: there cuDNN compiled a new channels-last
+            depthwise kernel for each new input shape (~1.7 s per shape on an H100, against
+            ~40 ms), while warm calls were equally fast in both. ``False`` keeps
+            torchvision's/timm's module structure and state-dict keys (the benchmarks load
+            those weights into anomalib's extractor).
     """
 
     def __init__(
@@ -250,6 +282,7 @@ class FeatureExtractor(nn.Module):
         layers: Sequence[str] | None = None,
         pretrained: bool = True,
         weights: str | Path | None = None,
+        fuse: bool = True,
     ) -> None:
         super().__init__()
         self.spec = get_backbone_spec(backbone_name)
@@ -273,7 +306,24 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1), persistent=False)
         self.eval()
         self.requires_grad_(False)
+        self.fused = fuse
+        if fuse:
+            self._fuse()
         self._channels: dict[str, int] | None = None
+
+    def _fuse(self) -> None:
+        """Fold every stage's BatchNorms (checked on a probe image) and go channels-last."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            x = self.normalize(torch.rand(1, 3, 64, 64))
+        fused = []
+        with torch.no_grad():
+            for stage in self.stages:
+                new_stage, _ = fold_batchnorm(stage, x)
+                fused.append(new_stage)
+                x = stage(x)
+        self.stages = nn.ModuleList(fused)
+        self.requires_grad_(False)
 
     def _build_stages(self, state: dict[str, torch.Tensor] | None, pretrained: bool) -> list[tuple[str, nn.Module]]:
         if self.spec.family == "timm_lite":
@@ -295,11 +345,14 @@ class FeatureExtractor(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
         x = self.normalize(images)
+        if self.fused and not x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
         outputs: dict[str, torch.Tensor] = {}
-        for name, stage in zip(self.stage_names, self.stages):
-            x = stage(x)
-            if name in self.layers:
-                outputs[name] = x
+        with _full_fp32_convolutions(x.is_cuda):
+            for name, stage in zip(self.stage_names, self.stages):
+                x = stage(x)
+                if name in self.layers:
+                    outputs[name] = x
         return {layer: outputs[layer] for layer in self.layers}
 
     def layer_channels(self) -> dict[str, int]:

@@ -183,6 +183,8 @@ class StreamingCoreset:
         projection_dim: projection used by the greedy selection (``None``: full dimension).
         seed: seeds the projection and first picks; chunk ``i`` uses ``seed + i``.
         progress: called as ``progress(picked, target)`` during each chunk's greedy selection.
+        device: where each chunk's greedy selection runs (the chunk is buffered on the CPU and
+            copied there only while it is reduced); ``None``: the CPU.
     """
 
     def __init__(
@@ -193,6 +195,7 @@ class StreamingCoreset:
         projection_dim: int | None = 128,
         seed: int = 42,
         progress: PickProgress | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
@@ -206,6 +209,7 @@ class StreamingCoreset:
         self.projection_dim = projection_dim
         self.seed = seed
         self.progress = progress
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._buffer: list[torch.Tensor] = []
         self._buffered = 0
         self._bank: np.ndarray | None = None
@@ -258,7 +262,8 @@ class StreamingCoreset:
         if self.ratio >= 1.0:
             rows = chunk.numpy()
         elif self.method == "greedy":
-            rows = greedy_coreset_selection(chunk, target, seed=seed, projection_dim=self.projection_dim, progress=self.progress)
+            indices = greedy_coreset_indices(chunk.to(self.device), target, seed=seed, projection_dim=self.projection_dim, progress=self.progress)
+            rows = _take_rows(chunk, indices)
         else:
             rows = random_coreset_selection(chunk, target, seed=seed)
         self._append(rows)

@@ -107,6 +107,16 @@ def _build_faiss_index(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index | No
     return index
 
 
+VALIDATION_BLOCK_ROWS = 16384
+"""Rows checked at a time: the check's temporary is one block's booleans (25 MB at 1536-d),
+not the whole bank's (a 352,629 x 1536 bank would need 540 MB of them)."""
+
+
+def _non_finite_rows(block: np.ndarray) -> int:
+    finite = np.isfinite(block)
+    return 0 if finite.all() else int((~finite).any(axis=1).sum())
+
+
 def validate_bank_array(features: object, feature_dim: int | None, source: str = "features") -> np.ndarray:
     """Check that ``features`` is a finite 2-D float array of width ``feature_dim``; return float32.
 
@@ -124,10 +134,11 @@ def validate_bank_array(features: object, feature_dim: int | None, source: str =
     if features.shape[0] == 0:
         raise BankValidationError(f"{source}: the array has no rows")
     array = np.ascontiguousarray(features, dtype=np.float32)
-    if not np.isfinite(array).all():
-        bad = int((~np.isfinite(array)).any(axis=1).sum())
+    bad = sum(_non_finite_rows(array[start : start + VALIDATION_BLOCK_ROWS]) for start in range(0, len(array), VALIDATION_BLOCK_ROWS))
+    if bad:
         raise BankValidationError(f"{source}: {bad} row(s) hold NaN or infinite values")
     return array
+
 
 
 class MemoryBank:

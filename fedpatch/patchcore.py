@@ -284,7 +284,7 @@ class PatchCore:
         picks = tqdm(desc="coreset: greedy picks", unit="pick", disable=not show_picks, dynamic_ncols=True)
         coreset = StreamingCoreset(
             cfg.coreset_percentage, cfg.coreset_chunk_size, cfg.coreset_method, cfg.projection_dim, cfg.seed,
-            progress=_count_picks(picks) if show_picks else None,
+            progress=_count_picks(picks) if show_picks else None, device=self.device,
         )
         stats = FitStats()
         n_images = _length(data)

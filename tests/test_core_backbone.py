@@ -163,7 +163,7 @@ def test_weights_file_is_loaded(tmp_path: Path, suffix: str) -> None:
     else:
         torch.save(state, path)
     images = torch.rand(2, 3, 64, 64)
-    extractor = FeatureExtractor("resnet18", weights=path)
+    extractor = FeatureExtractor("resnet18", weights=path, fuse=False)  # the file's modules, as loaded
     assert extractor.pretrained
     with torch.no_grad():
         out = extractor(images)
@@ -304,7 +304,7 @@ def test_lite_key_conversion_is_one_to_one(name: str) -> None:
 
 def test_lite0_real_weights_have_trained_batchnorm_statistics(lite0_pretrained: FeatureExtractor) -> None:
     """Random-init BatchNorm has running mean 0 / var 1; ImageNet-trained weights do not."""
-    extractor = lite0_pretrained
+    extractor = FeatureExtractor("efficientnet_lite0", pretrained=True, fuse=False)  # BatchNorms kept
     norms = [m for m in extractor.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(norms) >= 20
     for norm in norms:
@@ -313,7 +313,7 @@ def test_lite0_real_weights_have_trained_batchnorm_statistics(lite0_pretrained: 
     source = torch.load(backbone_module._lite_weights_file("efficientnet_lite0"), weights_only=True)
     stem_conv = extractor.stages[0][0].weight
     assert torch.equal(stem_conv, source["_conv_stem.weight"])
-    random = FeatureExtractor("efficientnet_lite0", pretrained=False)
+    random = FeatureExtractor("efficientnet_lite0", pretrained=False, fuse=False)
     assert not torch.equal(random.stages[0][0].weight, stem_conv)
 
 

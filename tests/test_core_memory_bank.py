@@ -347,3 +347,15 @@ def test_add_without_copy_keeps_the_array(rng: np.random.Generator) -> None:
     converted = MemoryBank(6)
     converted.add(vectors.astype(np.float64), copy=False)  # a float64 array is converted anyway
     np.testing.assert_array_equal(converted.vectors, vectors)
+
+
+def test_non_finite_rows_are_counted_across_validation_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finite check runs block by block (bounded memory) and still counts every bad row."""
+    from fedpatch import memory_bank
+
+    monkeypatch.setattr(memory_bank, "VALIDATION_BLOCK_ROWS", 2)
+    features = np.zeros((7, 3), np.float32)
+    features[1, 0], features[4, 2], features[6, 1] = np.nan, np.inf, -np.inf
+    with pytest.raises(BankValidationError, match=r"bank\.bin: 3 row\(s\) hold NaN or infinite"):
+        memory_bank.validate_bank_array(features, 3, source="bank.bin")
+    assert memory_bank.validate_bank_array(np.ones((7, 3), np.float64), 3).dtype == np.float32

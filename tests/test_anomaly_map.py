@@ -1,0 +1,44 @@
+"""Patch scores to pixel maps: the matrix form equals upsample-then-blur, borders included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedpatch.anomaly_map import patch_scores_to_maps, upsample_then_blur
+
+
+@pytest.mark.parametrize(
+    ("grid", "size", "sigma"),
+    [
+        ((32, 32), (256, 256), 4.0),  # the 256x256 default
+        ((94, 125), (750, 1000), 4.0),  # AutoVI tank_screw at native size
+        ((8, 12), (64, 96), 4.0),  # smaller than the kernel radius on one axis: reflected
+        ((2, 2), (16, 16), 4.0),  # smaller than the radius on both: replicated borders
+        ((5, 7), (40, 56), 0.0),  # no blur
+        ((50, 50), (400, 400), 2.5),
+        ((13, 9), (101, 77), 1.0),  # odd sizes, not a multiple of the grid
+    ],
+)
+def test_matrix_form_equals_upsample_then_blur(grid: tuple[int, int], size: tuple[int, int], sigma: float) -> None:
+    scores = torch.rand(3, *grid, generator=torch.Generator().manual_seed(sum(size)))
+    direct = upsample_then_blur(scores, size, sigma)
+    fast = patch_scores_to_maps(scores, size, sigma)
+    assert fast.shape == direct.shape == (3, *size)
+    assert float((fast - direct).abs().max()) <= 1e-5 * float(direct.abs().max())
+
+
+def test_constant_scores_give_a_constant_map() -> None:
+    """Rows of both operators sum to one: no brightening or darkening at the borders."""
+    maps = patch_scores_to_maps(torch.full((1, 10, 14), 2.5), (80, 112), 4.0)
+    torch.testing.assert_close(maps, torch.full((1, 80, 112), 2.5), rtol=1e-5, atol=1e-5)
+
+
+def test_one_hot_patch_spreads_symmetrically_and_keeps_its_peak() -> None:
+    scores = torch.zeros(1, 16, 16)
+    scores[0, 7:9, 7:9] = 1.0  # a centred 2x2 block: the map is symmetric about the centre
+    maps = patch_scores_to_maps(scores, (128, 128), 4.0)[0]
+    torch.testing.assert_close(maps, maps.flip(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(maps, maps.flip(1), rtol=1e-5, atol=1e-6)
+    assert int(maps.argmax()) in {63 * 128 + 63, 63 * 128 + 64, 64 * 128 + 63, 64 * 128 + 64}
+    assert 0 < float(maps.max()) < 1.0 and float(maps.min()) >= 0.0
