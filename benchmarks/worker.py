@@ -240,7 +240,7 @@ def run_anomalib(spec: Spec, bench: bench_data.BenchData, mon: RssMonitor, resul
     normalize = extractor.normalize
     del extractor
     with torch.no_grad():  # warm-up, as for fedpatch
-        model.feature_extractor(torch.zeros(1, 3, 64, 64))
+        model.feature_extractor(torch.zeros(1, 3, *reversed(spec.size)))
     result["rss_model_mb"] = mon.peak("start")
     mon.phase("fit")
     model.train()

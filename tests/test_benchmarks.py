@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.procmem import RssMonitor, current_rss_mb
-from benchmarks.run import main, ratios_of, rows_of
+from benchmarks.run import gpu_ratios_of, main, ratios_of, rows_of, suite_specs
 
 
 def test_tiny_suite_writes_tables(tmp_path: Path) -> None:
@@ -54,3 +54,27 @@ def test_rss_monitor_sees_a_phase_peak() -> None:
     time.sleep(0.1)
     assert monitor.peak("alloc") - before >= 190
     del block
+
+
+def test_gpu_ratios_compare_the_devices_of_one_configuration() -> None:
+    spec = {"impl": "fedpatch", "backbone": "wide_resnet50_2", "dataset": "synthetic", "size": [400, 400], "n_train": 5}
+    common = {"status": "ok", "image_auroc": 0.9, "pixel_auroc": 0.95}
+    gpu = {"spec": {**spec, "device": "cuda"}, "fit_s": 0.5, "extract_s": 0.1, "coreset_s": 0.2, "predict_ips": 90.0, "backbone_ips": 300.0, **common}
+    cpu = {"spec": {**spec, "device": "cpu"}, "fit_s": 2.0, "extract_s": 1.5, "coreset_s": 0.4, "predict_ips": 1.5, "backbone_ips": 2.0, **common, "image_auroc": 0.92}
+    ratios = gpu_ratios_of([gpu, cpu])
+    assert ratios is not None
+    assert ratios["fit_speedup"] == 4.0 and ratios["predict_speedup"] == 60.0
+    assert ratios["predict_vs_backbone_gpu"] == 0.3 and ratios["predict_vs_backbone_cpu"] == 0.75
+    assert math.isclose(ratios["image_auroc_delta"], -0.02)
+    assert gpu_ratios_of([cpu]) is None  # no GPU row: nothing to compare
+    assert gpu_ratios_of([{**gpu, "status": "error: CUDA out of memory"}, cpu]) is None
+
+
+def test_gpu_and_parity_suites_cover_the_matrix() -> None:
+    gpu = suite_specs("gpu")
+    assert [spec.device for spec in gpu[0]] == ["cuda", "cpu"]
+    assert {(s.backbone, s.size) for group in gpu[:6] for s in group} == {(s.backbone, s.size) for group in suite_specs("main") for s in group}
+    parity = suite_specs("parity")
+    assert [(s.impl, s.seed, s.n_train) for group in parity for s in group] == [
+        (impl, seed, 70) for seed in (0, 1, 2) for impl in ("fedpatch", "anomalib")
+    ]

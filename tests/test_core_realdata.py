@@ -5,7 +5,9 @@ MT_Free images by sorted file name, test on the other 30 MT_Free images and all 
 ones; every image resized to 256x256 (PIL bilinear, grey -> RGB), masks thresholded at > 127
 and resized by nearest neighbour. Measured with this exact setup and the default streaming
 chunk of 16,384 patches: image AUROC 0.864, pixel AUROC 0.796 (one 65,536-patch chunk, 10x
-slower: 0.872 / 0.800; anomalib's reference on the same protocol: 0.875 / 0.799). Takes
+slower: 0.872 / 0.800). anomalib's reference on the same protocol: 0.875 / 0.799; side by side
+with three coreset seeds each (``benchmarks.run --suite parity``) fedpatch averaged 0.868 /
+0.798 and anomalib 0.867 / 0.798. Takes
 ~11 s on two quiet cores, most of it feature extraction.
 """
 
