@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpatch.atomic import atomic_write_json, atomic_write_text
+from fedpatch.atomic import atomic_write_json
 from fedpatch.config import RunConfig, dump_config
-from fedpatch.federated.reporting import CommunicationLog, markdown_report, result_rows, results_csv, with_mean_row
+from fedpatch.federated.reporting import CommunicationLog, markdown_report, result_rows, with_mean_row, write_run_files
 from fedpatch.federated.strategy import ClientFailure, Rejection, RoundResult, client_order, rejection_summary
 
 CHECKPOINT = "federated.json"
@@ -85,10 +85,6 @@ def write_resumed_outputs(out: Path, config: RunConfig, checkpoints: Mapping[str
     notes = [f"{c.object_name}: {note}" for c in ordered for note in c.notes]
     nodes = sorted({n for c in ordered for n in c.nodes}, key=client_order)
     summary = f"{len(ordered)} object(s) run one at a time (resume), {len(resumed)} finished by an earlier run; {len(nodes)} node(s) took part"
-    atomic_write_text(out / "config.yaml", dump_config(config))
-    atomic_write_text(out / "results.csv", results_csv(rows, limits))
-    atomic_write_text(out / "results.md", markdown_report(rows, summary, config, failures, rejections, notes))
-    atomic_write_json(out / "communication.json", communication.to_json(config.federated.bank_dtype))
     federation = {
         "objects": {c.object_name: {"round": c.round, "nodes": c.nodes, "resumed": c.object_name in resumed} for c in ordered},
         "resumed": sorted(resumed),
@@ -97,4 +93,4 @@ def write_resumed_outputs(out: Path, config: RunConfig, checkpoints: Mapping[str
         "rejected": rejection_summary(rejections),
         **dict(extra),
     }
-    atomic_write_json(out / "federation.json", federation)
+    write_run_files(out, config, rows, markdown_report(rows, summary, config, failures, rejections, notes), communication, federation)

@@ -235,17 +235,10 @@ def write_outputs(
     Models: ``models/patchcore_<object>.pt`` is a PatchCore (built from ``config``, not fitted)
     holding the global bank and the calibrated threshold; it loads with ``PatchCore.load``.
     """
-    from fedpatch.atomic import atomic_write_json, atomic_write_text
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_config(config))
     write_object_outputs(out, config, result.objects.values())
-    limits = config.evaluation.fpr_limits
-    rows = result_rows(result, limits, communication)
-    atomic_write_text(out / "results.csv", results_csv(rows, limits))
-    atomic_write_text(out / "results.md", results_markdown(rows, result, config, rejections))
-    atomic_write_json(out / "communication.json", communication.to_json(config.federated.bank_dtype))
+    rows = result_rows(result, config.evaluation.fpr_limits, communication)
     federation = {
         "round": result.round,
         "clients": result.clients,
@@ -255,8 +248,22 @@ def write_outputs(
         "rejected": rejection_summary(rejections),
         **(dict(extra) if extra else {}),
     }
-    atomic_write_json(out / "federation.json", federation)
+    write_run_files(out, config, rows, results_markdown(rows, result, config, rejections), communication, federation)
     return out
+
+
+def write_run_files(
+    out: Path, config: RunConfig, rows: Sequence[Mapping[str, Any]], report: str, communication: CommunicationLog, federation: Mapping[str, Any]
+) -> None:
+    """The files every finished run writes, fresh or resumed: ``config.yaml``, ``results.csv``,
+    ``results.md`` (``report``), ``communication.json`` and ``federation.json``."""
+    from fedpatch.atomic import atomic_write_json, atomic_write_text
+
+    atomic_write_text(out / "config.yaml", dump_config(config))
+    atomic_write_text(out / "results.csv", results_csv(rows, config.evaluation.fpr_limits))
+    atomic_write_text(out / "results.md", report)
+    atomic_write_json(out / "communication.json", communication.to_json(config.federated.bank_dtype))
+    atomic_write_json(out / "federation.json", dict(federation))
 
 
 def write_object_outputs(out: Path, config: RunConfig, objects: Iterable[ObjectResult]) -> None:
