@@ -5,7 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpatch.anomaly_map import patch_scores_to_maps, upsample_then_blur
+import torch.nn.functional as F
+
+from fedpatch.anomaly_map import gaussian_kernel1d, patch_scores_to_maps
+
+
+def upsample_then_blur(patch_scores: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
+    """The direct form, as the reference: bilinear upsampling of the whole grid, then a separable
+    Gaussian blur with reflected borders (replicated when the map is not wider than its radius)."""
+    maps = F.interpolate(patch_scores.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+    if sigma > 0:
+        kernel = gaussian_kernel1d(sigma)
+        radius = kernel.numel() // 2
+        mode = "reflect" if min(size) > radius else "replicate"
+        maps = F.pad(maps, (radius, radius, radius, radius), mode=mode)
+        maps = F.conv2d(F.conv2d(maps, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
+    return maps.squeeze(1)
 
 
 @pytest.mark.parametrize(
