@@ -81,17 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
     (args.out / "gpu_throughput.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
-    keys = list(rows[0])
+    from benchmarks.run import markdown
+
     lines = [
         f"# steady-state GPU throughput ({device})",
         "",
         f"Command: `python -m benchmarks.gpu_throughput --train {args.train} --images {args.images}`; images per second after warm-up, 2 CPU threads.",
         "",
-        "| " + " | ".join(keys) + " |",
-        "|" + "---|" * len(keys),
+        markdown(rows),
     ]
-    lines += ["| " + " | ".join(f"{row[k]:.3g}" if isinstance(row[k], float) else f"{row[k]:,}" if isinstance(row[k], int) else str(row[k]) for k in keys) + " |" for row in rows]
-    (args.out / "gpu_throughput.md").write_text("\n".join(lines) + "\n")
+    (args.out / "gpu_throughput.md").write_text("\n".join(lines))
     return 0
 
 

@@ -93,18 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     (args.out / "search.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
-    keys = list(rows[0])
+    from benchmarks.run import markdown
+
     lines = [
         "# exact bank search: faiss (2 CPU threads) vs torch on the GPU",
         "",
         f"Command: `python -m benchmarks.search_bench`; GPU: {device}; {QUERIES:,} queries (one 1000x750 image), {DIM}-d; times are medians, seconds per image.",
         "",
-        "| " + " | ".join(keys) + " |",
-        "|" + "---|" * len(keys),
+        markdown(rows),
     ]
-    for row in rows:
-        lines.append("| " + " | ".join("" if row.get(k) is None else (f"{row[k]:.4g}" if isinstance(row[k], float) else f"{row[k]:,}") for k in keys) + " |")
-    (args.out / "search.md").write_text("\n".join(lines) + "\n")
+    (args.out / "search.md").write_text("\n".join(lines))
     return 0
 
 

@@ -267,8 +267,9 @@ class FeatureExtractor(nn.Module):
         weights: a local state-dict file (``.safetensors``, ``.pt``, ``.pth``) used instead of
             the default weights source.
         fuse: fold BatchNorm into the convolutions (``fedpatch.fusion``) and, on the CPU, run
-            in the channels-last memory layout: the same features to ~3e-6 relative, 1.9x
-            (WideResNet-50-2, 1000x750) to 2.7x (efficientnet_lite0) faster on 2 CPU cores.
+            in the channels-last memory layout: the same features to ~3e-6 relative, 1.4-2.0x
+            (WideResNet-50-2) and 2.6-3.3x (efficientnet_lite0) faster on 2 CPU cores
+            (``benchmarks/backbone_bench.py``).
             GPU inputs stay in the default layout: there cuDNN compiled a new channels-last
             depthwise kernel for each new input shape (~1.7 s per shape on an H100, against
             ~40 ms), while warm calls were equally fast in both. ``False`` keeps

@@ -4,8 +4,9 @@ A frozen backbone's BatchNorm is a fixed per-channel affine map, so it can be fo
 convolution that feeds it (``w' = w * s``, ``b' = (b - mean) * s + beta`` with
 ``s = gamma / sqrt(var + eps)``) and the normalisation pass over every activation disappears.
 Together with the channels-last memory layout on the CPU (see ``FeatureExtractor``) this
-made the backbone forward 1.9x (WideResNet-50-2, 1000x750) to 2.7x (efficientnet_lite0)
-faster on 2 CPU cores, for a relative change of the features of about 3e-6.
+made the backbone forward 1.4-2.0x (WideResNet-50-2) and 2.6-3.3x (efficientnet_lite0)
+faster on 2 CPU cores (``benchmarks/backbone_bench.py``), for a relative change of the
+features of about 3e-6.
 
 Which BatchNorm follows which convolution is found by running the stage once and watching the
 tensors: a BatchNorm is folded when its input is the very tensor that a ``Conv2d`` just
