@@ -313,7 +313,7 @@ class FeatureExtractor(nn.Module):
         self._channels: dict[str, int] | None = None
 
     def _fuse(self) -> None:
-        """Fold every stage's BatchNorms (checked on a probe image) and go channels-last."""
+        """Fold every stage's BatchNorms into its convolutions, each stage checked on a probe image."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             x = self.normalize(torch.rand(1, 3, 64, 64))

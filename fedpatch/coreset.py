@@ -262,8 +262,7 @@ class StreamingCoreset:
         if self.ratio >= 1.0:
             rows = chunk.numpy()
         elif self.method == "greedy":
-            indices = greedy_coreset_indices(chunk.to(self.device), target, seed=seed, projection_dim=self.projection_dim, progress=self.progress)
-            rows = _take_rows(chunk, indices)
+            rows = greedy_coreset_selection(chunk.to(self.device), target, seed=seed, projection_dim=self.projection_dim, progress=self.progress)
         else:
             rows = random_coreset_selection(chunk, target, seed=seed)
         self._append(rows)
