@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from fedpatch.data.synthetic import generate_autovi_dataset
-from fedpatch.deploy import DeploymentOptions, LocalDeployment, NodeSpec, connection_toml, run_config_text, split_into_sites
+from fedpatch.deploy import DeploymentError, DeploymentOptions, LocalDeployment, NodeSpec, RunOutcome, connection_toml, run_config_text, split_into_sites
 from fedpatch.deploy import __main__ as deploy_cli
+from fedpatch.deploy import local as deploy_local
 from fedpatch.deploy.processes import alive
 from fedpatch.errors import ConfigError, DataError
 from fedpatch.patchcore import read_model_file
@@ -88,6 +89,39 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001 - a
         time.sleep(0.3)
 
 
+def test_a_run_whose_log_stream_ends_early_is_waited_for_until_the_superlink_finishes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `flwr run --stream` returned while the run went on (seen once in CI on a loaded machine):
+    # the outcome comes from the SuperLink's status and the ServerApp's file, not the stream
+    deployment = LocalDeployment(DeploymentOptions(tmp_path / "work", [NodeSpec(tmp_path)]))
+    out = tmp_path / "out"
+    out.mkdir()
+    asked: list[int] = []
+
+    def run_status(flwr: str, env: dict[str, str], run_id: int, **where: object) -> tuple[str, str]:
+        assert where["connection"] == "fedpatch-local" and flwr.endswith("flwr") and env["FLWR_HOME"] == str(deployment.home)
+        asked.append(run_id)
+        if len(asked) < 3:
+            return "running", ""
+        (out / "federation.json").write_text(json.dumps({"status": "completed"}))  # the ServerApp ends
+        return "finished:completed", ""
+
+    monkeypatch.setattr(deploy_local, "run_status", run_status)
+    stream = deployment.processes.start("flwr-run-1", ["bash", "-c", "echo 'Successfully started run 7'"])
+    outcome = deployment.wait(stream, out, timeout=60, started=time.monotonic())
+    deployment.close()
+    assert asked == [7, 7, 7] and outcome.returncode == 0
+    assert outcome.status == "completed" and outcome.flower_status == "finished:completed"
+
+    monkeypatch.setattr(deploy_local, "run_status", lambda *args, **kwargs: ("running", ""))
+    with pytest.raises(DeploymentError, match=r"run 7 is still running after the time limit \(SuperLink log: .*superlink.log\)"):
+        deployment.wait(deployment.processes.start("flwr-run-2", ["echo", "Successfully started run 7"]), out, timeout=0.5, started=time.monotonic())
+    deployment.close()
+    assert deploy_local.started_run_id("Using SuperLink\nSuccessfully started run 123\n") == 123
+    assert deploy_local.started_run_id("connection refused") is None
+    failed = RunOutcome(0, 1.0, "", None, "finished:failed", "ServerApp exited with code 1")
+    assert failed.status == "no federation.json (Flower run status finished:failed: ServerApp exited with code 1)"
+
+
 def test_three_sites_over_tls_with_node_authentication_and_an_unregistered_node_refused(data: Path, tmp_path: Path) -> None:
     sites = split_into_sites(data, tmp_path / "sites", 3)
     nodes = [NodeSpec(s) for s in sites] + [NodeSpec(sites[0])]  # node 3: a fourth, unregistered site
@@ -102,6 +136,7 @@ def test_three_sites_over_tls_with_node_authentication_and_an_unregistered_node_
     print(f"local deployment (TLS + node auth, 3 sites): run wall time {outcome.wall_seconds:.1f} s")
     assert not deployment.leftover and not any(alive(p) for p in pids)
     assert outcome.status == "completed", outcome.log[-4000:]
+    assert outcome.flower_status == "finished:completed"
     fed = outcome.federation
     assert not fed["failures"], fed["failures"]
     assert sorted(fed["nodes"]) == sorted(ids) and sorted(fed["succeeded"]) == sorted(ids)
@@ -147,6 +182,7 @@ def test_a_supernode_killed_mid_run_is_reported_by_id_and_the_others_finish(data
         outcome = deployment.wait(process, out, timeout=300, started=started)
     assert not deployment.leftover
     assert outcome.status == "completed", outcome.log[-4000:]
+    assert outcome.flower_status == "finished:completed"
     fed = outcome.federation
     assert victim in fed["nodes"] and victim not in fed["succeeded"] and len(fed["succeeded"]) == 2
     (failure,) = fed["failures"]

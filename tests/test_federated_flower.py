@@ -32,6 +32,7 @@ import torch
 
 from fedpatch import cli
 from fedpatch.data.synthetic import generate_autovi_dataset
+from fedpatch.deploy.local import started_run_id, wait_until_finished
 from fedpatch.deploy.processes import alive, descendants, free_port
 from fedpatch.patchcore import read_model_file
 from fedpatch.report import read_results_csv
@@ -90,9 +91,14 @@ class Federation:
             str(BIN / "flwr"), "run", str(REPO), CONNECTION, "--stream", "--run-config", config,
             "--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1 {federation}".strip(),
         ]  # fmt: skip
+        deadline = time.monotonic() + RUN_TIMEOUT
         done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
         self.started |= descendants(self.process.pid)
         log = done.stdout + done.stderr
+        run_id = started_run_id(log)
+        if run_id is not None:  # the log stream can end before the run does: ask the SuperLink
+            hint = f"SuperLink log: {self.home / 'superlink.log'}"
+            wait_until_finished(str(BIN / "flwr"), self.env, run_id, deadline, connection=CONNECTION, hint=hint)
         summary = out / "federation.json"
         assert summary.is_file(), f"the run wrote no federation.json (exit {done.returncode}):\n{log[-6000:]}"
         return json.loads(summary.read_text()), log

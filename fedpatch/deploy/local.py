@@ -79,16 +79,24 @@ class DeploymentOptions:
 
 @dataclass
 class RunOutcome:
-    """A finished ``flwr run``: exit code, wall time, the streamed log and ``federation.json``."""
+    """A finished run: ``flwr run``'s exit code, wall time, the streamed log, the run's status
+    as the SuperLink reports it (``finished:completed``, ``finished:failed``, ...) with its
+    details, and the ServerApp's ``federation.json``."""
 
     returncode: int
     wall_seconds: float
     log: str
     federation: dict[str, Any] | None
+    flower_status: str = "unknown"
+    flower_details: str = ""
 
     @property
     def status(self) -> str:
-        return "no federation.json" if self.federation is None else str(self.federation.get("status"))
+        """The ServerApp's own status, or why there is none (with Flower's view of the run)."""
+        if self.federation is not None:
+            return str(self.federation.get("status"))
+        details = f": {self.flower_details}" if self.flower_details else ""
+        return f"no federation.json (Flower run status {self.flower_status}{details})"
 
 
 def flower_env(home: Path, bin_dir: Path) -> dict[str, str]:
@@ -218,11 +226,8 @@ class LocalDeployment:
             argv += ["--auth-supernode-private-key", str(self.work / "node-keys" / f"node-{index}")]
         return self.processes.start(f"supernode-{index}", argv, cwd=self.work)
 
-    def _flwr(self, *args: str, timeout: float = 60.0) -> str:
-        done = subprocess.run([self._bin("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.work)
-        if done.returncode != 0:
-            raise DeploymentError(f"flwr {' '.join(args)} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
-        return done.stdout
+    def _flwr(self, *args: str) -> str:
+        return flwr_command(self._bin("flwr"), args, self.env, cwd=self.work)
 
     def close(self) -> None:
         """Stop every process started; ``leftover`` lists any that survived (none expected)."""
@@ -256,24 +261,77 @@ class LocalDeployment:
         return self.processes.start(f"flwr-run-{self.runs}", argv, cwd=self.work)
 
     def wait(self, run: Managed, output_dir: Path, timeout: float, started: float) -> RunOutcome:
-        """Wait for a submitted run; read ``federation.json`` from ``output_dir``.
+        """Wait for a submitted run to finish; read ``federation.json`` from ``output_dir``.
 
-        ``flwr run --stream`` exits 0 even when the run fails: the status is in that file.
+        ``flwr run --stream`` exits 0 even when the run fails, and it also returns when its log
+        stream ends early (a dropped HTTP stream on a loaded machine), so the end of that
+        process is not the end of the run: the run's status is then asked of the SuperLink
+        (``flwr ls --run-id``) until it is ``finished:...`` or ``timeout`` passes.
         """
+        deadline = started + timeout
         try:
-            returncode = run.process.wait(timeout=timeout)
+            returncode = run.process.wait(timeout=max(deadline - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
             self.processes.stop(run, grace=2.0)
             raise DeploymentError(f"flwr run did not finish within {timeout:g} s:\n{run.log_text()}") from None
+        log = run.log_text(tail=10_000_000)
+        run_id = started_run_id(log)
+        flower_status, details = ("not started", "")
+        if run_id is not None:
+            hint = f"SuperLink log: {self.processes.log_dir / 'superlink.log'}"
+            flower_status, details = wait_until_finished(self._bin("flwr"), self.env, run_id, deadline, cwd=self.work, hint=hint)
         wall = time.monotonic() - started
         summary = output_dir / "federation.json"
         federation = json.loads(summary.read_text()) if summary.is_file() else None
-        return RunOutcome(returncode, wall, run.log_text(tail=10_000_000), federation)
+        return RunOutcome(returncode, wall, log, federation, flower_status, details)
 
     def run(self, run_config: str, output_dir: Path, timeout: float = 600.0) -> RunOutcome:
         """Submit the app, wait for it, return the outcome (wall time from submission)."""
         started = time.monotonic()
         return self.wait(self.submit(run_config), output_dir, timeout, started)
+
+
+def flwr_command(flwr: str, args: Sequence[str], env: Mapping[str, str], cwd: Path | None = None, timeout: float = 60.0) -> str:
+    """Run ``flwr <args>`` and return its standard output; a failure raises with its output."""
+    done = subprocess.run([flwr, *args], env=dict(env), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if done.returncode != 0:
+        raise DeploymentError(f"flwr {' '.join(args)} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
+    return done.stdout
+
+
+def started_run_id(log: str) -> int | None:
+    """The run id ``flwr run`` printed on submission, or None if it never started one."""
+    found = re.search(r"Successfully started run (\d+)", log)
+    return int(found.group(1)) if found else None
+
+
+def run_status(flwr: str, env: Mapping[str, str], run_id: int, *, connection: str = CONNECTION, cwd: Path | None = None) -> tuple[str, str]:
+    """The run's status (``running``, ``finished:completed``, ...) and status details, as the
+    SuperLink of ``connection`` (in the Flower configuration ``env`` points to) reports them."""
+    listing = json.loads(flwr_command(flwr, ["ls", connection, "--run-id", str(run_id), "--format", "json"], env, cwd))
+    runs = listing.get("runs") or []
+    if not runs:
+        raise DeploymentError(f"the SuperLink does not know run {run_id}: {listing}")
+    return str(runs[0].get("status")), str(runs[0].get("status-details") or "")
+
+
+def wait_until_finished(
+    flwr: str, env: Mapping[str, str], run_id: int, deadline: float, *,
+    connection: str = CONNECTION, cwd: Path | None = None, poll: float = 1.0, hint: str = "",
+) -> tuple[str, str]:  # fmt: skip
+    """Poll :func:`run_status` until the run is ``finished:...``; raise once ``deadline``
+    (a ``time.monotonic()`` value) has passed. ``hint`` (e.g. where the logs are) ends the error.
+
+    Needed because ``flwr run --stream`` returns when its log stream ends, which is not
+    always when the run ends (see :meth:`LocalDeployment.wait`).
+    """
+    while True:
+        status, details = run_status(flwr, env, run_id, connection=connection, cwd=cwd)
+        if status.startswith("finished"):
+            return status, details
+        if time.monotonic() > deadline:
+            raise DeploymentError(f"run {run_id} is still {status} after the time limit" + (f" ({hint})" if hint else ""))
+        time.sleep(poll)
 
 
 def run_config_text(values: Mapping[str, str | int | float]) -> str:
