@@ -6,7 +6,7 @@ One test image at 1000x750 gives 11,750 query patches (a 125 x 94 grid); a bank 
 the patches of ``n`` such training images holds ``1,175 n`` vectors. With WideResNet-50-2's
 1536-d features, exact search costs ``2 * 11,750 * 1,175 n * 1536`` flops per image: at
 200 training images that is 8.5 TFLOP, far more than the backbone forward (~0.3 TFLOP).
-This measures ``MemoryBank.search`` (faiss flat, 2 CPU threads) against
+This measures faiss's flat kernel (``faiss.knn``, 2 CPU threads) against
 ``MemoryBank.search_tensor`` (torch, the GPU path of ``PatchCore.predict``) on the same bank
 and queries, and checks that both return the same neighbours.
 """
@@ -19,6 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 
@@ -38,12 +39,15 @@ def _data(bank_rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _time_cpu(bank: MemoryBank, queries: np.ndarray, repeats: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """faiss's float32 kernel itself (``MemoryBank.search`` may take the split-bf16 torch path
+    on CPUs with bf16 instructions: ``benchmarks/cpu_search_bench.py`` compares the two)."""
+    faiss.omp_set_num_threads(torch.get_num_threads())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        distances, indices = bank.search(queries, k=1)
+        sq_dist, indices = faiss.knn(queries, bank.vectors, 1)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), distances, indices
+    return statistics.median(times), np.sqrt(np.maximum(sq_dist, 0.0)), indices
 
 
 def _time_gpu(bank: MemoryBank, queries: np.ndarray, repeats: int) -> tuple[float, np.ndarray, np.ndarray]:

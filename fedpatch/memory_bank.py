@@ -1,17 +1,32 @@
 """The PatchCore memory bank: nominal patch vectors and nearest-neighbour search.
 
-Search is exact (brute force) L2 by default, with faiss's blocked BLAS kernel (``faiss.knn``),
-which works directly on the bank array, so the vectors are stored once (no second copy inside
-an index). For large banks an approximate faiss index can be chosen (``IndexSpec``: ``ivf`` =
-inverted lists over k-means cells, ``hnsw`` = a navigable small-world graph); both hold a
-second copy of the vectors and trade a little recall for speed, which the benchmarks measure
-(recall@1 and AUROC against exact search, ``benchmarks/README.md``). Returned distances are
-true Euclidean distances (square roots of faiss's squared distances, clamped at 0 against
-rounding), which is what PatchCore's scores and the coverage radius use.
+Search is exact (brute force) L2 by default, with faiss's blocked BLAS kernel (``faiss.knn``)
+or, for banks of 256 dims or more on CPUs with bf16 instructions, torch's (below); both work
+directly on the bank array, so the vectors are stored once (no second copy inside an index).
+For large banks an approximate faiss index can be chosen (``IndexSpec``: ``ivf`` = inverted
+lists over k-means cells, ``hnsw`` = a navigable small-world graph); both hold a second copy
+of the vectors and trade a little recall for speed, which the benchmarks measure (recall@1
+and AUROC against exact search, ``benchmarks/README.md``). Returned distances are true
+Euclidean distances (not squared), which is what PatchCore's scores and the coverage radius
+use.
 
 On a GPU, ``search_tensor`` runs the exact search with torch on the query's device (the bank
 is copied there once), so a CUDA model never moves its patch features to the host to score
-them (not measured here: the project's machines have no GPU).
+them (``benchmarks/results/search.md``).
+
+On a CPU with native bfloat16 dot products (AVX512-BF16 or AMX), the flat search of banks at
+least ``SPLIT_BF16_MIN_DIM`` wide runs ``search_tensor`` on the CPU with oneDNN's bf16 math
+mode for float32 matrix products (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``):
+each float32 operand is split into bfloat16 parts whose products are summed in float32, so
+every bank vector is still compared and the dot products keep float32-level accuracy (about
+2x the rounding error of a plain float32 product, not bfloat16's 2^-8). The distances of the
+chosen neighbours are then recomputed from the differences, which makes them more accurate
+than faiss's. Measured on 2 cores: 1.41-1.59x faiss's speed at 384-1536 dims, the same
+nearest neighbour for every query, distance errors of 2e-6 against faiss's 9e-5
+(``benchmarks/results/cpu_search.md``). A self-check on first use compares the mode with a
+float64 product and keeps faiss if it is not that accurate (a oneDNN build whose bf16 mode
+were a single bfloat16 pass); CPUs without bf16 instructions use faiss. The mode is switched
+on only around the search and restored after it.
 
 Threads: faiss uses OpenMP; searches run with as many threads as torch uses
 (``torch.get_num_threads()``), so one knob (``torch.set_num_threads``) sizes the whole
@@ -26,7 +41,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import faiss
@@ -37,6 +55,14 @@ from fedpatch.atomic import atomic_save
 from fedpatch.errors import BankValidationError, ModelFileError
 
 BANK_FORMAT = "fedpatch-memory-bank/1"
+CPU_SEARCH_CELLS = 1 << 21
+"""Distance-matrix entries per query chunk of the CPU torch search (8 MiB: cache-sized)."""
+SPLIT_BF16_MIN_DIM = 256
+"""Narrower banks stay on faiss: at 152-d the torch path measured 0.92x faiss's speed, at
+384-d 1.41x, at 1536-d 1.47-1.59x (``benchmarks/results/cpu_search.md``)."""
+SPLIT_BF16_MAX_ERROR = 1e-5
+"""Largest error of the bf16 math mode's dot products, relative to ``|a| |b|``, that the
+self-check accepts (on its probe: float32 3e-7, the split bf16 mode 6e-7, one bfloat16 pass 2e-3)."""
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 _INDEX_PARAMS = {"flat": (), "ivf": ("nlist", "nprobe"), "hnsw": ("m", "ef_search")}
 
@@ -223,6 +249,10 @@ class MemoryBank:
             raise ValueError(f"query must be [M, {self.feature_dim}], got shape {query.shape}")
         if query.shape[0] == 0:
             return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+        if self._index is None and self.feature_dim >= SPLIT_BF16_MIN_DIM and split_bf16_matmul_available():
+            with split_bf16_matmul():
+                distances, found = self.search_tensor(torch.from_numpy(query.copy() if not query.flags.writeable else query), k)
+            return distances.numpy(), found.numpy()
         faiss.omp_set_num_threads(torch.get_num_threads())
         if self._index is None:
             sq_dist, indices = faiss.knn(query, self._vectors, k)
@@ -233,12 +263,16 @@ class MemoryBank:
                 sq_dist[missing], indices[missing] = faiss.knn(query[missing], self._vectors, k)
         return np.sqrt(np.maximum(sq_dist, 0.0)), indices.astype(np.int64, copy=False)
 
-    def search_tensor(self, query: torch.Tensor, k: int = 1, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    def search_tensor(self, query: torch.Tensor, k: int = 1, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact k nearest neighbours of a query tensor, computed on the query's device.
 
         Same result as ``search`` with the flat index (up to float rounding), as tensors
-        ``(distances [M, k], indices [M, k])`` on the query's device. The distance matrix is
-        built ``chunk_rows`` queries at a time, bounding its memory.
+        ``(distances [M, k], indices [M, k])`` on the query's device. Neighbours are chosen on
+        the expanded squared distances; the returned distances are recomputed from the
+        differences (no cancellation: a bank member's own distance is 0). The distance matrix is
+        built ``chunk_rows`` queries at a time, bounding its memory (default: 4096 on a GPU;
+        on the CPU as many as keep a chunk at ``CPU_SEARCH_CELLS`` entries, 64-512 rows, which
+        measured fastest).
         """
         self.build_index()
         if not 1 <= k <= len(self):
@@ -250,11 +284,19 @@ class MemoryBank:
             self._device_copy = (vectors, (vectors * vectors).sum(dim=1))
         vectors, sq_norms = self._device_copy
         query = query.float()
+        if chunk_rows is None:
+            chunk_rows = 4096 if query.is_cuda else min(512, max(64, CPU_SEARCH_CELLS // len(self)))
         distances, indices = [], []
         for part in query.split(chunk_rows):
             sq = torch.addmm(sq_norms.unsqueeze(0), part, vectors.T, alpha=-2.0).add_((part * part).sum(dim=1, keepdim=True))
-            values, nearest = sq.topk(k, dim=1, largest=False)
-            distances.append(values.clamp_min_(0.0).sqrt_())
+            nearest = sq.argmin(dim=1, keepdim=True) if k == 1 else sq.topk(k, dim=1, largest=False).indices
+            # the expansion |q|^2 + |x|^2 - 2 q.x cancels badly for near neighbours of large
+            # vectors: the distances of the chosen ones are recomputed from the differences
+            values = (part.unsqueeze(1) - vectors[nearest]).norm(dim=2)
+            if k > 1:
+                values, order = values.sort(dim=1)
+                nearest = nearest.gather(1, order)
+            distances.append(values)
             indices.append(nearest)
         return torch.cat(distances), torch.cat(indices)
 
@@ -295,3 +337,49 @@ class MemoryBank:
         bank.add(vectors, copy=False, source=str(file))  # the loaded array is ours alone
         bank.build_index()
         return bank
+
+
+def _bf16_instructions() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles)."""
+    cpu = torch.cpu
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)
+
+
+@contextmanager
+def split_bf16_matmul() -> Iterator[None]:
+    """Within the block, float32 matrix products on the CPU may use oneDNN's bf16 math mode."""
+    matmul = torch.backends.mkldnn.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
+def _split_bf16_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    with split_bf16_matmul():
+        return a @ b
+
+
+def float32_level_product(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+    """Whether ``product`` multiplies a probe pair of float32 matrices (non-negative, like
+    ReLU features) with errors at most ``SPLIT_BF16_MAX_ERROR`` relative to ``|a_i| |b_j|``."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 1024, generator=generator).relu_().add_(0.5)
+    b = torch.randn(1024, 256, generator=generator).relu_().add_(0.5)
+    exact = a.double() @ b.double()
+    scale = a.double().norm(dim=1, keepdim=True) * b.double().norm(dim=0, keepdim=True)
+    return float(((product(a, b).double() - exact).abs() / scale).max()) <= SPLIT_BF16_MAX_ERROR
+
+
+@lru_cache(maxsize=1)
+def split_bf16_matmul_available() -> bool:
+    """True when the CPU has bf16 instructions and the bf16 math mode keeps float32-level
+    accuracy on a probe product (checked once per process)."""
+    if not (_bf16_instructions() and torch.backends.mkldnn.is_available()):
+        return False
+    if not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"):
+        return False
+    return float32_level_product(_split_bf16_product)

@@ -13,7 +13,8 @@ import torch
 from safetensors.numpy import save_file
 
 from fedpatch.errors import BankValidationError, ModelFileError
-from fedpatch.memory_bank import IndexSpec, MemoryBank, validate_bank_array
+from fedpatch import memory_bank
+from fedpatch.memory_bank import IndexSpec, MemoryBank, float32_level_product, split_bf16_matmul, validate_bank_array
 
 if TYPE_CHECKING:
     from fedpatch import PatchCore
@@ -317,6 +318,46 @@ def test_search_tensor_matches_exact_search(rng: np.random.Generator) -> None:
     np.testing.assert_allclose(distances.numpy(), ref_d, rtol=1e-4, atol=1e-4)
     bank.add(query[:1])  # the device copy follows the bank
     assert bank.search_tensor(torch.from_numpy(query[:1]))[1][0, 0] == 700
+
+
+@pytest.mark.parametrize("split_bf16", [True, False])
+def test_wide_flat_search_is_exact_with_either_cpu_kernel(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, split_bf16: bool) -> None:
+    # 384-d (>= SPLIT_BF16_MIN_DIM): the split-bf16 torch path where the CPU has bf16
+    # instructions, faiss otherwise; both must give float64 brute force's neighbours
+    if split_bf16 and not memory_bank.split_bf16_matmul_available():
+        pytest.skip("this CPU has no bf16 instructions: faiss is the only CPU kernel here")
+    monkeypatch.setattr(memory_bank, "split_bf16_matmul_available", lambda: split_bf16)
+    precision = torch.backends.mkldnn.matmul.fp32_precision
+    calls: list[int] = []
+    search_tensor = MemoryBank.search_tensor
+    monkeypatch.setattr(MemoryBank, "search_tensor", lambda self, q, k=1, chunk_rows=None: calls.append(k) or search_tensor(self, q, k, chunk_rows))
+    vectors = (np.maximum(rng.normal(size=(900, 384)), 0) + 0.5).astype(np.float32)  # ReLU-like, with an offset
+    query = (vectors[rng.integers(900, size=400)] + 0.3 * rng.normal(size=(400, 384))).astype(np.float32)
+    query[:5] = vectors[:5]  # bank members: distance 0, not a rounding residue
+    bank = make_bank(vectors)
+    for k in (1, 3):
+        distances, indices = bank.search(query, k=k)
+        ref_d, ref_i = brute_force_knn(vectors, query, k)
+        assert indices.dtype == np.int64 and distances.dtype == np.float32
+        assert np.array_equal(indices, ref_i)
+        np.testing.assert_allclose(distances, ref_d, rtol=2e-5 if split_bf16 else 1e-4, atol=1e-5 if split_bf16 else 2e-2)  # faiss: cancellation (0.011 for a member)
+    assert calls == ([1, 3] if split_bf16 else [])
+    if split_bf16:
+        assert np.array_equal(bank.search(query[:5], k=1)[0][:, 0], np.zeros(5, np.float32))
+    assert torch.backends.mkldnn.matmul.fp32_precision == precision  # the mode was restored
+
+
+def test_split_bf16_mode_is_scoped_and_its_accuracy_checked() -> None:
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    with pytest.raises(RuntimeError, match="inside"):
+        with split_bf16_matmul():
+            assert matmul.fp32_precision == "bf16"
+            raise RuntimeError("inside")
+    assert matmul.fp32_precision == before
+    assert float32_level_product(lambda a, b: a @ b)  # float32
+    assert not float32_level_product(lambda a, b: (a.bfloat16() @ b.bfloat16()).float())  # one bf16 pass: refused
+    assert not float32_level_product(lambda a, b: a @ b * (1 + 1e-4))
 
 
 def test_patchcore_index_option_is_used_saved_and_validated(
