@@ -21,7 +21,7 @@ each float32 operand is split into bfloat16 parts whose products are summed in f
 every bank vector is still compared and the dot products keep float32-level accuracy (about
 2x the rounding error of a plain float32 product, not bfloat16's 2^-8). The distances of the
 chosen neighbours are then recomputed from the differences, which makes them more accurate
-than faiss's. Measured on 2 cores: 1.41-1.59x faiss's speed at 384-1536 dims, the same
+than faiss's. Measured on 2 cores: 1.41-1.71x faiss's speed at 384-1536 dims, the same
 nearest neighbour for every query, distance errors of 2e-6 against faiss's 9e-5
 (``benchmarks/results/cpu_search.md``). A self-check on first use compares the mode with a
 float64 product and keeps faiss if it is not that accurate (a oneDNN build whose bf16 mode
@@ -59,7 +59,7 @@ CPU_SEARCH_CELLS = 1 << 21
 """Distance-matrix entries per query chunk of the CPU torch search (8 MiB: cache-sized)."""
 SPLIT_BF16_MIN_DIM = 256
 """Narrower banks stay on faiss: at 152-d the torch path measured 0.92x faiss's speed, at
-384-d 1.41x, at 1536-d 1.47-1.59x (``benchmarks/results/cpu_search.md``)."""
+384-d 1.41x, at 1536-d 1.49-1.71x (``benchmarks/results/cpu_search.md``)."""
 SPLIT_BF16_MAX_ERROR = 1e-5
 """Largest error of the bf16 math mode's dot products, relative to ``|a| |b|``, that the
 self-check accepts (on its probe: float32 3e-7, the split bf16 mode 6e-7, one bfloat16 pass 2e-3)."""
@@ -286,13 +286,23 @@ class MemoryBank:
         query = query.float()
         if chunk_rows is None:
             chunk_rows = 4096 if query.is_cuda else min(512, max(64, CPU_SEARCH_CELLS // len(self)))
+        if query.shape[0] == 0:
+            return torch.empty(0, k, device=query.device), torch.empty(0, k, dtype=torch.int64, device=query.device)
+        rows = min(chunk_rows, query.shape[0])
+        # buffers reused by every chunk: fresh multi-MB tensors per chunk cost page faults
+        # (glibc returns large blocks to the OS), which measured 1.3-1.6x slower searches
+        scores = torch.empty(rows, len(self), device=query.device)
+        chosen = torch.empty(rows * k, self.feature_dim, device=query.device)
         distances, indices = [], []
         for part in query.split(chunk_rows):
-            sq = torch.addmm(sq_norms.unsqueeze(0), part, vectors.T, alpha=-2.0).add_((part * part).sum(dim=1, keepdim=True))
+            n = part.shape[0]
+            # |x|^2 - 2 q.x: the query's own |q|^2 shifts a whole row, so the order needs none
+            sq = torch.addmm(sq_norms.unsqueeze(0), part, vectors.T, alpha=-2.0, out=scores[:n])
             nearest = sq.argmin(dim=1, keepdim=True) if k == 1 else sq.topk(k, dim=1, largest=False).indices
-            # the expansion |q|^2 + |x|^2 - 2 q.x cancels badly for near neighbours of large
-            # vectors: the distances of the chosen ones are recomputed from the differences
-            values = (part.unsqueeze(1) - vectors[nearest]).norm(dim=2)
+            # that expansion cancels badly for near neighbours of large vectors: the chosen
+            # neighbours' distances are computed from the differences
+            diff = torch.index_select(vectors, 0, nearest.reshape(-1), out=chosen[: n * k]).view(n, k, -1)
+            values = torch.linalg.vector_norm(diff.sub_(part.unsqueeze(1)), dim=2)
             if k > 1:
                 values, order = values.sort(dim=1)
                 nearest = nearest.gather(1, order)

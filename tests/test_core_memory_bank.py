@@ -318,6 +318,8 @@ def test_search_tensor_matches_exact_search(rng: np.random.Generator) -> None:
     np.testing.assert_allclose(distances.numpy(), ref_d, rtol=1e-4, atol=1e-4)
     bank.add(query[:1])  # the device copy follows the bank
     assert bank.search_tensor(torch.from_numpy(query[:1]))[1][0, 0] == 700
+    empty_d, empty_i = bank.search_tensor(torch.empty(0, 24), k=2)
+    assert empty_d.shape == empty_i.shape == (0, 2) and empty_i.dtype == torch.int64
 
 
 @pytest.mark.parametrize("split_bf16", [True, False])
