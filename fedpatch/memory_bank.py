@@ -358,7 +358,11 @@ def _bf16_instructions() -> bool:
 
 @contextmanager
 def split_bf16_matmul() -> Iterator[None]:
-    """Within the block, float32 matrix products on the CPU may use oneDNN's bf16 math mode."""
+    """Within the block, float32 matrix products on the CPU may use oneDNN's bf16 math mode.
+
+    The setting is process-wide: a float32 product another thread runs meanwhile may take the
+    same split-bf16 kernels (float32-level accuracy, checked by ``float32_level_product``).
+    """
     matmul = torch.backends.mkldnn.matmul
     previous = matmul.fp32_precision
     matmul.fp32_precision = "bf16"
