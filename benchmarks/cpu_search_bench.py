@@ -13,7 +13,6 @@ a common offset (like CNN activations after ReLU) and queries near bank rows.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -82,20 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     rows = run(args.repeats)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cpu_search.json").write_text(json.dumps({"bf16_instructions": split_bf16_matmul_available(), "rows": rows}, indent=1))
-    from benchmarks.run import markdown
+    from benchmarks.run import write_rows
 
-    lines = [
-        "# exact bank search on the CPU: faiss float32 vs MemoryBank.search",
-        "",
-        f"Command: `python -m benchmarks.cpu_search_bench`; 2 threads; `fedpatch_path` is the kernel MemoryBank.search "
-        f"used (faiss below {SPLIT_BF16_MIN_DIM} dims or without bf16 instructions); seconds are medians of "
-        f"{args.repeats} interleaved repeats; errors are against float64 distances.",
-        "",
-        markdown(rows),
-    ]
-    (args.out / "cpu_search.md").write_text("\n".join(lines) + "\n")
+    caption = (f"Command: `python -m benchmarks.cpu_search_bench`; 2 threads; `fedpatch_path` is the kernel MemoryBank.search "
+               f"used (faiss below {SPLIT_BF16_MIN_DIM} dims or without bf16 instructions); seconds are medians of "
+               f"{args.repeats} interleaved repeats; errors are against float64 distances.")  # fmt: skip
+    write_rows(args.out, "cpu_search", "exact bank search on the CPU: faiss float32 vs MemoryBank.search", caption, rows,
+               bf16_instructions=split_bf16_matmul_available())  # fmt: skip
     return 0
 
 

@@ -13,7 +13,6 @@ maps, image scores, results on the host) and, separately, only pushed through th
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -78,19 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     for backbone, pretrained, size in CONFIGS:
         rows.append(measure(backbone, pretrained, size, args.train, args.images))
         print(rows[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
-    (args.out / "gpu_throughput.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
-    from benchmarks.run import markdown
+    from benchmarks.run import write_rows
 
-    lines = [
-        f"# steady-state GPU throughput ({device})",
-        "",
-        f"Command: `python -m benchmarks.gpu_throughput --train {args.train} --images {args.images}`; images per second after warm-up, 2 CPU threads.",
-        "",
-        markdown(rows),
-    ]
-    (args.out / "gpu_throughput.md").write_text("\n".join(lines))
+    caption = f"Command: `python -m benchmarks.gpu_throughput --train {args.train} --images {args.images}`; images per second after warm-up, 2 CPU threads."
+    write_rows(args.out, "gpu_throughput", f"steady-state GPU throughput ({device})", caption, rows, device=device)
     return 0
 
 

@@ -230,6 +230,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_rows(out: Path, name: str, title: str, caption: str, rows: list[dict[str, Any]], **header: Any) -> None:
+    """A standalone benchmark's results: ``<name>.json`` (``header`` plus ``rows``) and
+    ``<name>.md`` (``# title``, ``caption``, the rows as a table), in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({**header, "rows": rows}, indent=1))
+    (out / f"{name}.md").write_text("\n".join([f"# {title}", "", caption, "", markdown(rows)]))
+
+
 def write_tables(suite: str, groups: list[list[dict[str, Any]]], out: Path, command: str) -> None:
     rows = [row for group in groups for result in group for row in rows_of(result)]
     ratios = [r for r in (ratios_of(group) for group in groups) if r is not None]

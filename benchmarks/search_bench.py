@@ -14,7 +14,6 @@ and queries, and checks that both return the same neighbours.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -94,19 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-max-rows", type=int, default=117_500, help="skip the (slow) CPU search above this bank size")
     args = parser.parse_args(argv)
     rows = run(args.bank_sizes, args.cpu_max_rows)
-    args.out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    (args.out / "search.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
-    from benchmarks.run import markdown
+    from benchmarks.run import write_rows
 
-    lines = [
-        "# exact bank search: faiss (2 CPU threads) vs torch on the GPU",
-        "",
-        f"Command: `python -m benchmarks.search_bench`; GPU: {device}; {QUERIES:,} queries (one 1000x750 image), {DIM}-d; times are medians, seconds per image.",
-        "",
-        markdown(rows),
-    ]
-    (args.out / "search.md").write_text("\n".join(lines))
+    caption = (f"Command: `python -m benchmarks.search_bench`; GPU: {device}; {QUERIES:,} queries (one 1000x750 image), "
+               f"{DIM}-d; times are medians, seconds per image.")  # fmt: skip
+    write_rows(args.out, "search", "exact bank search: faiss (2 CPU threads) vs torch on the GPU", caption, rows, device=device)
     return 0
 
 
