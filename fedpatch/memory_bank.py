@@ -1,7 +1,7 @@
 """The PatchCore memory bank: nominal patch vectors and nearest-neighbour search.
 
 Search is exact (brute force) L2 by default, with faiss's blocked BLAS kernel (``faiss.knn``)
-or, for banks of 256 dims or more on CPUs with bf16 instructions, torch's (below); both work
+or, for banks of 64 dims or more on CPUs with bf16 instructions, torch's (below); both work
 directly on the bank array, so the vectors are stored once (no second copy inside an index).
 For large banks an approximate faiss index can be chosen (``IndexSpec``: ``ivf`` = inverted
 lists over k-means cells, ``hnsw`` = a navigable small-world graph); both hold a second copy
@@ -21,9 +21,11 @@ each float32 operand is split into bfloat16 parts whose products are summed in f
 every bank vector is still compared and the dot products keep float32-level accuracy (about
 2x the rounding error of a plain float32 product, not bfloat16's 2^-8). The distances of the
 chosen neighbours are then recomputed from the differences, which makes them more accurate
-than faiss's. Measured on 2 cores: 1.41-1.71x faiss's speed at 384-1536 dims, the same
-nearest neighbour for every query, distance errors of 2e-6 against faiss's 9e-5
-(``benchmarks/results/cpu_search.md``). A self-check on first use compares the mode with a
+than faiss's. Each row's nearest neighbour is found with ``amin`` over blocks of the row
+(``_first_argmin``), as torch's index-returning reductions are ~10x slower. Measured on 2
+cores: 1.23-1.68x faiss's speed at 64-1536 dims on banks of 2,049-23,500 rows (0.94x on a
+500-row 64-d bank), the same nearest neighbour for every query, distance errors of 3e-7 to
+2e-6 against faiss's 2e-5 to 9e-5 (``benchmarks/results/cpu_search.md``). A self-check on first use compares the mode with a
 float64 product and keeps faiss if it is not that accurate (a oneDNN build whose bf16 mode
 were a single bfloat16 pass); CPUs without bf16 instructions use faiss. The mode is switched
 on only around the search and restored after it.
@@ -57,9 +59,12 @@ from fedpatch.errors import BankValidationError, ModelFileError
 BANK_FORMAT = "fedpatch-memory-bank/1"
 CPU_SEARCH_CELLS = 1 << 21
 """Distance-matrix entries per query chunk of the CPU torch search (8 MiB: cache-sized)."""
-SPLIT_BF16_MIN_DIM = 256
-"""Narrower banks stay on faiss: at 152-d the torch path measured 0.92x faiss's speed, at
-384-d 1.41x, at 1536-d 1.49-1.71x (``benchmarks/results/cpu_search.md``)."""
+SPLIT_BF16_MIN_DIM = 64
+"""Narrower banks stay on faiss. The torch path against faiss, 2 threads, banks of 500 /
+2,049-2,351 / 20,000 rows: 0.34 / 0.74 / 0.74x at 32 dims, 0.68 / 1.28 / 1.29x at 48, 0.83 /
+1.30-1.36 / 1.29x at 64, 1.09 / 1.47-1.64 / 1.30x at 128 (``benchmarks/results/cpu_search.md``)."""
+NEAREST_BLOCK = 64
+"""Score columns per block of ``_first_argmin``."""
 SPLIT_BF16_MAX_ERROR = 1e-5
 """Largest error of the bf16 math mode's dot products, relative to ``|a| |b|``, that the
 self-check accepts (on its probe: float32 3e-7, the split bf16 mode 6e-7, one bfloat16 pass 2e-3)."""
@@ -288,17 +293,25 @@ class MemoryBank:
             chunk_rows = 4096 if query.is_cuda else min(512, max(64, CPU_SEARCH_CELLS // len(self)))
         if query.shape[0] == 0:
             return torch.empty(0, k, device=query.device), torch.empty(0, k, dtype=torch.int64, device=query.device)
-        rows = min(chunk_rows, query.shape[0])
+        rows, size = min(chunk_rows, query.shape[0]), len(self)
         # buffers reused by every chunk: fresh multi-MB tensors per chunk cost page faults
-        # (glibc returns large blocks to the OS), which measured 1.3-1.6x slower searches
-        scores = torch.empty(rows, len(self), device=query.device)
+        # (glibc returns large blocks to the OS), which measured 1.3-1.6x slower searches.
+        # On the CPU the score rows are padded to whole NEAREST_BLOCK blocks for
+        # _first_argmin; the padding is +inf, so it is never a neighbour.
+        padded = size if query.is_cuda else size + (-size % NEAREST_BLOCK)
+        scores = torch.full((rows, padded), math.inf, device=query.device)
         chosen = torch.empty(rows * k, self.feature_dim, device=query.device)
         distances, indices = [], []
         for part in query.split(chunk_rows):
             n = part.shape[0]
             # |x|^2 - 2 q.x: the query's own |q|^2 shifts a whole row, so the order needs none
-            sq = torch.addmm(sq_norms.unsqueeze(0), part, vectors.T, alpha=-2.0, out=scores[:n])
-            nearest = sq.argmin(dim=1, keepdim=True) if k == 1 else sq.topk(k, dim=1, largest=False).indices
+            sq = torch.addmm(sq_norms.unsqueeze(0), part, vectors.T, alpha=-2.0, out=scores[:n, :size])
+            if k > 1:
+                nearest = sq.topk(k, dim=1, largest=False).indices
+            elif query.is_cuda:
+                nearest = sq.argmin(dim=1, keepdim=True)
+            else:
+                nearest = _first_argmin(scores[:n], NEAREST_BLOCK).unsqueeze(1)
             # that expansion cancels badly for near neighbours of large vectors: the chosen
             # neighbours' distances are computed from the differences
             diff = torch.index_select(vectors, 0, nearest.reshape(-1), out=chosen[: n * k]).view(n, k, -1)
@@ -347,6 +360,23 @@ class MemoryBank:
         bank.add(vectors, copy=False, source=str(file))  # the loaded array is ours alone
         bank.build_index()
         return bank
+
+
+def _first_argmin(scores: torch.Tensor, block: int) -> torch.Tensor:
+    """Row-wise index of the first minimum of ``scores [n, B * block]``, as ``argmin`` gives it.
+
+    torch's CPU reductions that return an index (``argmin``, ``min(dim)``) ran ~10x slower
+    than ``amin``, which returns only the values: at 152 dims the index alone cost a quarter
+    of the search. So each block's minimum comes from ``amin``, and index reductions run only
+    over the ``B`` block minima and over the ``block`` entries of each row's winning block.
+    The first block holding the row minimum holds its first occurrence, so ties resolve as
+    in ``argmin``.
+    """
+    rows = scores.shape[0]
+    blocks = scores.view(rows, -1, block)
+    best = blocks.amin(dim=2).argmin(dim=1)
+    within = blocks[torch.arange(rows, device=scores.device), best].argmin(dim=1)
+    return best * block + within
 
 
 def _bf16_instructions() -> bool:

@@ -359,23 +359,23 @@ class PatchCore:
             scores = distances[:, 0].reshape(b, h, w)
         maps = patch_scores_to_maps(scores.to(self.device), tuple(batch.shape[-2:]), self.config.blur_sigma).cpu().numpy()
         scores, nearest = scores.cpu(), nearest.cpu()
-        out = []
-        for i in range(b):
-            flat = scores[i].reshape(-1)
-            top = int(torch.argmax(flat))
-            score = float(flat[top])
-            if self.config.num_neighbors > 1 and len(bank) > 1:
-                row = i * h * w + top
-                score = self._reweight(score, patches[row].cpu().numpy(), int(nearest[row, 0]), bank)
-            out.append(Prediction(maps[i].astype(np.float32, copy=False), score, scores[i].numpy()))
-        return out
+        flat = scores.reshape(b, -1)
+        tops = flat.argmax(dim=1)  # each image's most anomalous patch (the first, on ties)
+        image_scores = [float(flat[i, top]) for i, top in enumerate(tops)]
+        if self.config.num_neighbors > 1 and len(bank) > 1:
+            rows = torch.arange(b) * (h * w) + tops
+            image_scores = self._reweight(image_scores, patches[rows.to(patches.device)].cpu().numpy(), nearest[rows, 0].numpy(), bank)
+        return [Prediction(maps[i].astype(np.float32, copy=False), image_scores[i], scores[i].numpy()) for i in range(b)]
 
-    def _reweight(self, score: float, test_patch: np.ndarray, nearest_index: int, bank: MemoryBank) -> float:
+    def _reweight(self, scores: list[float], test_patches: np.ndarray, nearest: np.ndarray, bank: MemoryBank) -> list[float]:
+        """The paper's reweighted image scores of one batch: one bank search for all its images."""
         k = min(self.config.num_neighbors, len(bank))
-        anchor = bank.vectors[nearest_index : nearest_index + 1]
-        _, support = bank.search(anchor, k=k)
-        order = [nearest_index] + [int(j) for j in support[0] if j != nearest_index][: k - 1]
-        return reweighted_image_score(score, test_patch, bank.vectors[order])
+        _, support = bank.search(bank.vectors[nearest], k=k)
+        out = []
+        for score, patch, anchor, found in zip(scores, test_patches, nearest.tolist(), support.tolist()):
+            order = [anchor] + [j for j in found if j != anchor][: k - 1]
+            out.append(reweighted_image_score(score, patch, bank.vectors[order]))
+        return out
 
     def predict(self, data: Iterable[Any]) -> list[np.ndarray]:
         """Pixel anomaly maps ``[H, W]`` (float32), one per image, at each input image's size."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -311,20 +312,34 @@ def test_search_tensor_matches_exact_search(rng: np.random.Generator) -> None:
     vectors = rng.normal(size=(700, 24)).astype(np.float32)
     query = rng.normal(size=(300, 24)).astype(np.float32)
     bank = make_bank(vectors)
-    distances, indices = bank.search_tensor(torch.from_numpy(query), k=4, chunk_rows=64)
-    ref_d, ref_i = brute_force_knn(vectors, query, 4)
-    assert isinstance(distances, torch.Tensor) and distances.shape == (300, 4)
-    assert np.array_equal(indices.numpy(), ref_i)
-    np.testing.assert_allclose(distances.numpy(), ref_d, rtol=1e-4, atol=1e-4)
+    for k in (1, 4):  # k=1 takes the blocked argmin over 700 columns (10 blocks of 64 and a padded one)
+        distances, indices = bank.search_tensor(torch.from_numpy(query), k=k, chunk_rows=64)
+        ref_d, ref_i = brute_force_knn(vectors, query, k)
+        assert isinstance(distances, torch.Tensor) and distances.shape == (300, k)
+        assert np.array_equal(indices.numpy(), ref_i)
+        np.testing.assert_allclose(distances.numpy(), ref_d, rtol=1e-4, atol=1e-4)
     bank.add(query[:1])  # the device copy follows the bank
     assert bank.search_tensor(torch.from_numpy(query[:1]))[1][0, 0] == 700
     empty_d, empty_i = bank.search_tensor(torch.empty(0, 24), k=2)
     assert empty_d.shape == empty_i.shape == (0, 2) and empty_i.dtype == torch.int64
 
 
+@pytest.mark.parametrize("block", [1, 4, 64])
+def test_first_argmin_is_argmin_with_its_tie_order(rng: np.random.Generator, block: int) -> None:
+    scores = torch.from_numpy(rng.integers(0, 6, size=(257, 192)).astype(np.float32))  # many ties per row
+    scores[3] = 7.0  # a whole row tied
+    scores[4, -1] = -1.0  # the minimum in the last column
+    scores[5, 0] = -1.0  # and in the first
+    expected = scores.argmin(dim=1)
+    assert expected[3] == 0 and expected[4] == 191 and expected[5] == 0
+    assert torch.equal(memory_bank._first_argmin(scores, block), expected)
+    padded = torch.cat([scores[:, :190], torch.full((257, 2), math.inf)], dim=1)  # search_tensor's +inf padding
+    assert torch.equal(memory_bank._first_argmin(padded, block), padded[:, :190].argmin(dim=1))
+
+
 @pytest.mark.parametrize("split_bf16", [True, False])
 def test_wide_flat_search_is_exact_with_either_cpu_kernel(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, split_bf16: bool) -> None:
-    # 384-d (>= SPLIT_BF16_MIN_DIM): the split-bf16 torch path where the CPU has bf16
+    # 384-d (>= SPLIT_BF16_MIN_DIM, 64): the split-bf16 torch path where the CPU has bf16
     # instructions, faiss otherwise; both must give float64 brute force's neighbours
     if split_bf16 and not memory_bank.split_bf16_matmul_available():
         pytest.skip("this CPU has no bf16 instructions: faiss is the only CPU kernel here")
