@@ -143,7 +143,7 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
         main["seed"] = spec["seed"]
     rows = [main]
     for index, variant in (result.get("variants") or {}).items():
-        row = {**main, "impl": f"fedpatch index={index}", **{k: variant.get(k) for k in ("index_s", "predict_ips", "predict_cpu_ips", "predict_peak_mb", "image_auroc", "pixel_auroc", "recall_at_1")}}
+        row = {**main, "impl": f"fedpatch index={index}", **{k: variant.get(k) for k in ("index_s", "predict_ips", "predict_cpu_ips", "backbone_ips", "backbone_cpu_ips", "predict_peak_mb", "image_auroc", "pixel_auroc", "recall_at_1")}}
         row.update(fit_s=None, extract_s=None, coreset_s=None, fit_cpu_s=None, fit_peak_mb=None)
         rows.append(row)
     return rows
@@ -176,9 +176,9 @@ def ratios_of(group: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
     for index, variant in (ours.get("variants") or {}).items():
         out[f"predict_speedup[{index}]"] = ratio(variant.get("predict_ips"), theirs.get("predict_ips"))
-        out[f"predict_vs_backbone[{index}]"] = ratio(variant.get("predict_ips"), ours.get("backbone_ips"))
+        out[f"predict_vs_backbone[{index}]"] = ratio(variant.get("predict_ips"), variant.get("backbone_ips"))
         out[f"predict_speedup_cpu[{index}]"] = ratio(variant.get("predict_cpu_ips"), theirs.get("predict_cpu_ips"))
-        out[f"predict_vs_backbone_cpu[{index}]"] = ratio(variant.get("predict_cpu_ips"), ours.get("backbone_cpu_ips"))
+        out[f"predict_vs_backbone_cpu[{index}]"] = ratio(variant.get("predict_cpu_ips"), variant.get("backbone_cpu_ips"))
     return out
 
 

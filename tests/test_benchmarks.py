@@ -25,7 +25,7 @@ def test_tiny_suite_writes_tables(tmp_path: Path) -> None:
     assert float(ours["fit_s"]) >= float(ours["extract_s"]) + float(ours["coreset_s"])
     assert 0.0 <= float(ours["image_auroc"]) <= 1.0 and 0.0 <= float(ours["pixel_auroc"]) <= 1.0
     assert approx["impl"] == "fedpatch index=hnsw" and float(approx["recall_at_1"]) == 1.0  # a 20-vector bank
-    assert approx["image_auroc"] == ours["image_auroc"]
+    assert approx["image_auroc"] == ours["image_auroc"] and float(approx["backbone_ips"]) > 0
     assert theirs["impl"] == "anomalib" and theirs["status"].startswith("anomalib not importable")
     text = (tmp_path / "tiny.md").read_text()
     assert "| efficientnet_lite0 | magnetic | 64x64 | 3 | fedpatch |" in text
@@ -34,7 +34,7 @@ def test_tiny_suite_writes_tables(tmp_path: Path) -> None:
 def test_ratios_favour_the_faster_implementation() -> None:
     spec = {"backbone": "wide_resnet50_2", "pretrained": False, "dataset": "synthetic", "size": [1000, 750], "n_train": 4}
     ours = {"spec": {**spec, "impl": "fedpatch"}, "fit_s": 10.0, "extract_s": 8.0, "coreset_s": 1.0, "predict_ips": 2.0,
-            "backbone_ips": 2.5, "fit_peak_mb": 1000.0, "image_auroc": 0.9, "variants": {"hnsw": {"predict_ips": 2.4}}}
+            "backbone_ips": 2.5, "fit_peak_mb": 1000.0, "image_auroc": 0.9, "variants": {"hnsw": {"predict_ips": 2.4, "backbone_ips": 3.2}}}
     theirs = {"spec": {**spec, "impl": "anomalib"}, "fit_s": 30.0, "extract_s": 8.0, "coreset_s": 22.0, "predict_ips": 1.0,
               "fit_peak_mb": 3000.0, "image_auroc": 0.85}
     ratios = ratios_of([ours, theirs])
@@ -42,6 +42,7 @@ def test_ratios_favour_the_faster_implementation() -> None:
     assert ratios["fit_speedup"] == 3.0 and ratios["coreset_speedup"] == 22.0 and ratios["predict_speedup"] == 2.0
     assert ratios["predict_vs_backbone"] == 0.8 and ratios["fit_memory_ratio"] == 3.0
     assert np.isclose(ratios["image_auroc_delta"], 0.05) and ratios["predict_speedup[hnsw]"] == 2.4
+    assert np.isclose(ratios["predict_vs_backbone[hnsw]"], 0.75)  # against the variant's own backbone timing
     assert [row["impl"] for row in rows_of(ours)] == ["fedpatch", "fedpatch index=hnsw"]
     assert rows_of(ours)[0]["backbone"] == "wide_resnet50_2 (random)"
 
