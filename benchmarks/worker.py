@@ -141,10 +141,11 @@ def _predict_fedpatch(model: Any, bench: bench_data.BenchData, images: list[torc
 
     The backbone alone is the ceiling of predict throughput. Each group of ``batch_size``
     images goes through both, one right after the other (backbone first on even groups,
-    prediction first on odd ones), so the two timings of a group see the same machine state:
-    on these shared machines a separate backbone pass after the whole prediction moved the
-    ratio by up to 0.2 between runs. Records images per second of both (wall and process CPU
-    time; metric bookkeeping excluded), peak RSS and the AUROCs.
+    prediction first on odd ones), so the two timings of a group see the same machine state.
+    With a separate backbone pass after the whole prediction, one configuration's ratio read
+    0.63 in one run and 0.75-0.82 in three reruns on these shared machines. Records images per
+    second of both (wall and process CPU time; metric bookkeeping excluded), peak RSS and the
+    AUROCs.
     """
     from fedpatch.metrics import PixelAccumulator
     from fedpatch.patchcore import iter_image_batches

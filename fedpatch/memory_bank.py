@@ -25,10 +25,10 @@ than faiss's. Each row's nearest neighbour is found with ``amin`` over blocks of
 (``_first_argmin``), as torch's index-returning reductions are ~10x slower. Measured on 2
 cores: 1.23-1.68x faiss's speed at 64-1536 dims on banks of 2,049-23,500 rows (0.94x on a
 500-row 64-d bank), the same nearest neighbour for every query, distance errors of 3e-7 to
-2e-6 against faiss's 2e-5 to 9e-5 (``benchmarks/results/cpu_search.md``). A self-check on first use compares the mode with a
-float64 product and keeps faiss if it is not that accurate (a oneDNN build whose bf16 mode
-were a single bfloat16 pass); CPUs without bf16 instructions use faiss. The mode is switched
-on only around the search and restored after it.
+2e-6 against faiss's 2e-5 to 9e-5 (``benchmarks/results/cpu_search.md``). A self-check on
+first use compares the mode with a float64 product and keeps faiss if it is not that accurate
+(a oneDNN build whose bf16 mode were a single bfloat16 pass); CPUs without bf16 instructions
+use faiss. The mode is switched on only around the search and restored after it.
 
 Threads: faiss uses OpenMP; searches run with as many threads as torch uses
 (``torch.get_num_threads()``), so one knob (``torch.set_num_threads``) sizes the whole
@@ -60,9 +60,9 @@ BANK_FORMAT = "fedpatch-memory-bank/1"
 CPU_SEARCH_CELLS = 1 << 21
 """Distance-matrix entries per query chunk of the CPU torch search (8 MiB: cache-sized)."""
 SPLIT_BF16_MIN_DIM = 64
-"""Narrower banks stay on faiss. The torch path against faiss, 2 threads, banks of 500 /
-2,049-2,351 / 20,000 rows: 0.34 / 0.74 / 0.74x at 32 dims, 0.68 / 1.28 / 1.29x at 48, 0.83 /
-1.30-1.36 / 1.29x at 64, 1.09 / 1.47-1.64 / 1.30x at 128 (``benchmarks/results/cpu_search.md``)."""
+"""Narrower banks stay on faiss. The torch path against faiss on 2 threads
+(``benchmarks/results/cpu_search.md``): 0.46x at 32 dims; 0.94x on a 500-row and 1.27x on a
+2,351-row bank at 64 dims; 1.48x at 128; 1.23-1.52x at 152."""
 NEAREST_BLOCK = 64
 """Score columns per block of ``_first_argmin``."""
 SPLIT_BF16_MAX_ERROR = 1e-5
