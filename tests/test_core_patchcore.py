@@ -197,6 +197,17 @@ def test_reweighted_score_follows_the_paper_rule(fitted_model: PatchCore, make_i
         assert 0.0 < score < dist[top]
 
 
+def test_a_batch_scores_its_images_as_they_score_alone(fitted_model: PatchCore, make_images: ImageFactory) -> None:
+    """Each batch reweights all its image scores with one bank search; the result is per image."""
+    images = make_images(5, 64, 64, seed=23)
+    together = list(fitted_model.iter_predictions(images))  # one batch of 5
+    alone = [next(fitted_model.iter_predictions([image])) for image in images]
+    assert len({p.score for p in together}) == 5  # five different images, five different scores
+    for joint, single in zip(together, alone):
+        assert joint.score == pytest.approx(single.score, rel=1e-6)
+        np.testing.assert_allclose(joint.patch_scores, single.patch_scores, rtol=1e-6)
+
+
 def test_anomalous_region_is_found(fitted_model: PatchCore, make_images: ImageFactory) -> None:
     """A pasted high-contrast square scores above clean images and holds the map's peak."""
     clean = make_images(3, 64, 64, seed=18)
