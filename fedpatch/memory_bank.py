@@ -294,12 +294,14 @@ class MemoryBank:
         if query.shape[0] == 0:
             return torch.empty(0, k, device=query.device), torch.empty(0, k, dtype=torch.int64, device=query.device)
         rows, size = min(chunk_rows, query.shape[0]), len(self)
+        blocked = not query.is_cuda  # the GPU's argmin has no such cost (see _first_argmin)
         # buffers reused by every chunk: fresh multi-MB tensors per chunk cost page faults
         # (glibc returns large blocks to the OS), which measured 1.3-1.6x slower searches.
-        # On the CPU the score rows are padded to whole NEAREST_BLOCK blocks for
-        # _first_argmin; the padding is +inf, so it is never a neighbour.
-        padded = size if query.is_cuda else size + (-size % NEAREST_BLOCK)
-        scores = torch.full((rows, padded), math.inf, device=query.device)
+        # For _first_argmin the score rows are padded to whole NEAREST_BLOCK blocks; the
+        # padding is +inf, so it is never a neighbour.
+        padded = size + (-size % NEAREST_BLOCK if blocked else 0)
+        scores = torch.empty(rows, padded, device=query.device)
+        scores[:, size:] = math.inf
         chosen = torch.empty(rows * k, self.feature_dim, device=query.device)
         distances, indices = [], []
         for part in query.split(chunk_rows):
@@ -308,10 +310,10 @@ class MemoryBank:
             sq = torch.addmm(sq_norms.unsqueeze(0), part, vectors.T, alpha=-2.0, out=scores[:n, :size])
             if k > 1:
                 nearest = sq.topk(k, dim=1, largest=False).indices
-            elif query.is_cuda:
-                nearest = sq.argmin(dim=1, keepdim=True)
-            else:
+            elif blocked:
                 nearest = _first_argmin(scores[:n], NEAREST_BLOCK).unsqueeze(1)
+            else:
+                nearest = sq.argmin(dim=1, keepdim=True)
             # that expansion cancels badly for near neighbours of large vectors: the chosen
             # neighbours' distances are computed from the differences
             diff = torch.index_select(vectors, 0, nearest.reshape(-1), out=chosen[: n * k]).view(n, k, -1)

@@ -351,17 +351,15 @@ class PatchCore:
         patches = extract_patch_features(features).float()
         if patches.device.type != "cpu" and bank.index_spec.kind == "flat":
             distances, nearest = bank.search_tensor(patches, k=1)  # exact search on the GPU
-            scores = distances[:, 0].reshape(b, h, w)
         else:
             patches = patches.cpu()
             dist_np, near_np = bank.search(patches.numpy(), k=1)
             distances, nearest = torch.from_numpy(dist_np), torch.from_numpy(near_np)
-            scores = distances[:, 0].reshape(b, h, w)
+        scores = distances[:, 0].reshape(b, h, w)
         maps = patch_scores_to_maps(scores.to(self.device), tuple(batch.shape[-2:]), self.config.blur_sigma).cpu().numpy()
         scores, nearest = scores.cpu(), nearest.cpu()
-        flat = scores.reshape(b, -1)
-        tops = flat.argmax(dim=1)  # each image's most anomalous patch (the first, on ties)
-        image_scores = [float(flat[i, top]) for i, top in enumerate(tops)]
+        best, tops = scores.reshape(b, -1).max(dim=1)  # each image's most anomalous patch (the first, on ties)
+        image_scores = best.tolist()
         if self.config.num_neighbors > 1 and len(bank) > 1:
             rows = torch.arange(b) * (h * w) + tops
             image_scores = self._reweight(image_scores, patches[rows.to(patches.device)].cpu().numpy(), nearest[rows, 0].numpy(), bank)
@@ -370,11 +368,12 @@ class PatchCore:
     def _reweight(self, scores: list[float], test_patches: np.ndarray, nearest: np.ndarray, bank: MemoryBank) -> list[float]:
         """The paper's reweighted image scores of one batch: one bank search for all its images."""
         k = min(self.config.num_neighbors, len(bank))
-        _, support = bank.search(bank.vectors[nearest], k=k)
+        vectors = bank.vectors
+        _, support = bank.search(vectors[nearest], k=k)
         out = []
         for score, patch, anchor, found in zip(scores, test_patches, nearest.tolist(), support.tolist()):
             order = [anchor] + [j for j in found if j != anchor][: k - 1]
-            out.append(reweighted_image_score(score, patch, bank.vectors[order]))
+            out.append(reweighted_image_score(score, patch, vectors[order]))
         return out
 
     def predict(self, data: Iterable[Any]) -> list[np.ndarray]:
