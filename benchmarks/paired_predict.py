@@ -27,8 +27,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +36,7 @@ from tqdm.auto import tqdm
 
 from benchmarks import data as bench_data
 from benchmarks.run import MATRIX, WORKER_ENV, write_rows
-from benchmarks.worker import Spec, _anomalib_model
-
-
-def _timed(work: Callable[[], list[float]]) -> tuple[list[float], float, float]:
-    """Run ``work``; return its result, wall seconds and process CPU seconds."""
-    start, cpu = time.perf_counter(), time.process_time()
-    out = work()
-    return out, time.perf_counter() - start, time.process_time() - cpu
+from benchmarks.worker import Spec, _anomalib_model, anomalib_predict, timed
 
 
 def measure(config: dict[str, Any], repeats: int) -> dict[str, Any]:
@@ -69,11 +60,8 @@ def measure(config: dict[str, Any], repeats: int) -> dict[str, Any]:
 
     def anomalib_scores(chunk: list[torch.Tensor]) -> list[float]:
         scores: list[float] = []
-        with torch.no_grad():
-            for batch in iter_image_batches(chunk, spec.batch_size):  # batching timed, as in fedpatch's predict
-                output = theirs(normalize(batch))
-                output.anomaly_map.squeeze(1).numpy()
-                scores += [float(s) for s in output.pred_score]
+        for batch in iter_image_batches(chunk, spec.batch_size):  # batching timed, as in fedpatch's predict
+            scores += anomalib_predict(theirs, normalize, batch)[0]
         return scores
 
     runners = {"fedpatch": fedpatch_scores, "anomalib": anomalib_scores}
@@ -90,7 +78,7 @@ def measure(config: dict[str, Any], repeats: int) -> dict[str, Any]:
             order = list(runners) if number % 2 == 0 else list(reversed(runners))
             group_wall = {}
             for name in order:
-                got, seconds, cpu_seconds = _timed(lambda: runners[name](chunk))
+                got, seconds, cpu_seconds = timed(lambda: runners[name](chunk))
                 wall[name] += seconds
                 cpu[name] += cpu_seconds
                 group_wall[name] = seconds

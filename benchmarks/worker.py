@@ -136,6 +136,13 @@ def _gpu_peak(cuda: bool) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 
 
+def timed(work: Callable[[], Any]) -> tuple[Any, float, float]:
+    """Run ``work``; return its result, wall seconds and process CPU seconds."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out = work()
+    return out, time.perf_counter() - start, time.process_time() - cpu
+
+
 def _predict_fedpatch(model: Any, bench: bench_data.BenchData, images: list[torch.Tensor], mon: RssMonitor, result: dict[str, Any]) -> None:
     """Score ``images`` and time the backbone forward alone on the same batches.
 
@@ -161,11 +168,10 @@ def _predict_fedpatch(model: Any, bench: bench_data.BenchData, images: list[torc
         if cuda:
             torch.cuda.synchronize(model.device)  # the forward is asynchronous on a GPU
 
-    def timed(name: str, work: Callable[[], Any]) -> Any:
-        start, cpu = time.perf_counter(), time.process_time()
-        out = work()
-        seconds[name] += time.perf_counter() - start
-        seconds[name + "_cpu"] += time.process_time() - cpu
+    def add_time(name: str, work: Callable[[], Any]) -> Any:
+        out, wall, cpu = timed(work)
+        seconds[name] += wall
+        seconds[name + "_cpu"] += cpu
         return out
 
     mon.phase("predict")
@@ -175,10 +181,10 @@ def _predict_fedpatch(model: Any, bench: bench_data.BenchData, images: list[torc
         for number, first in enumerate(tqdm(range(0, len(images), group), desc="predict + backbone alone", unit="group")):
             chunk = images[first : first + group]
             if number % 2 == 0:
-                timed("backbone", lambda: backbone_alone(chunk))
-            predictions = timed("predict", lambda: list(model.iter_predictions(chunk)))
+                add_time("backbone", lambda: backbone_alone(chunk))
+            predictions = add_time("predict", lambda: list(model.iter_predictions(chunk)))
             if number % 2 == 1:
-                timed("backbone", lambda: backbone_alone(chunk))
+                add_time("backbone", lambda: backbone_alone(chunk))
             for offset, prediction in enumerate(predictions):
                 item = first + offset
                 scores.append(prediction.score)
@@ -307,17 +313,22 @@ def run_anomalib(spec: Spec, bench: bench_data.BenchData, mon: RssMonitor, resul
     index = 0
     start, cpu = time.perf_counter(), time.process_time()
     for batch in iter_image_batches(images, spec.batch_size):  # batching timed, as in fedpatch's predict
-        with torch.no_grad():
-            output = model(normalize(batch))
-        maps = output.anomaly_map.squeeze(1).numpy()
+        batch_scores, maps = anomalib_predict(model, normalize, batch)
         predict_s, predict_cpu = predict_s + time.perf_counter() - start, predict_cpu + time.process_time() - cpu
-        for i in range(batch.shape[0]):
-            scores.append(float(output.pred_score[i]))
-            acc.add_masked(maps[i], bench.test_mask(index) if bench.test[index].label else None)
+        for score, amap in zip(batch_scores, maps):
+            scores.append(score)
+            acc.add_masked(amap, bench.test_mask(index) if bench.test[index].label else None)
             index += 1
         start, cpu = time.perf_counter(), time.process_time()
     result.update(predict_ips=len(images) / predict_s, predict_cpu_ips=len(images) / predict_cpu, predict_peak_mb=mon.peak("predict"))
     result.update(_scores_and_metrics([item.label for item in bench.test], scores, acc))
+
+
+def anomalib_predict(model: Any, normalize: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> tuple[list[float], np.ndarray]:
+    """anomalib's ``PatchcoreModel`` (eval mode) on one batch: image scores and ``[B, H, W]`` maps."""
+    with torch.no_grad():
+        output = model(normalize(batch))
+    return [float(score) for score in output.pred_score], output.anomaly_map.squeeze(1).numpy()
 
 
 class _Deadline(Exception):
