@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from fedpatch.kcenter import PickProgress, greedy_kcenter_indices
+
 ArrayLike = np.ndarray | torch.Tensor
-PickProgress = Callable[[int, int], None]
-"""Called as ``progress(picked, target)`` after each greedy pick (for progress bars)."""
 
 
 def _as_float_tensor(features: ArrayLike) -> torch.Tensor:
@@ -82,27 +81,6 @@ def project(features: torch.Tensor, projection_dim: int | None, seed: int) -> to
     if projection_dim is None or 2 * projection_dim > features.shape[1]:
         return features
     return features @ random_projection(features.shape[1], projection_dim, seed, features.device)
-
-
-def greedy_kcenter_indices(
-    points: torch.Tensor, target_size: int, start: int, progress: PickProgress | None = None
-) -> torch.Tensor:
-    """Farthest-point traversal on ``points`` from index ``start``; returns the picked indices in order."""
-    n = points.shape[0]
-    sq_norms = (points * points).sum(dim=1)
-    min_dist = torch.full((n,), float("inf"), dtype=points.dtype, device=points.device)
-    picked = torch.empty(target_size, dtype=torch.long, device=points.device)
-    current = int(start)
-    for i in range(target_size):
-        picked[i] = current
-        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, one matrix-vector product per pick.
-        dist = torch.addmv(sq_norms, points, points[current], alpha=-2.0).add_(sq_norms[current])
-        torch.minimum(min_dist, dist, out=min_dist)
-        min_dist[current] = -1.0  # never re-pick a selected point, even when duplicates tie at 0
-        current = int(torch.argmax(min_dist))
-        if progress is not None:
-            progress(i + 1, target_size)
-    return picked
 
 
 def greedy_coreset_indices(

@@ -1,0 +1,158 @@
+"""Greedy k-center (farthest-point traversal) with exact pruning by the triangle inequality.
+
+Each pick adds the point farthest from the centers picked so far. The plain traversal keeps
+every point's squared distance to its nearest center and updates all of them at every pick:
+one ``[N, D]`` matrix-vector product per pick. Once the features no longer fit in the cache
+that is memory-bound: 438 s for 7,168 picks out of 71,680 x 152 features on a 2-core machine.
+
+Most of those updates change nothing. A point ``x`` whose nearest center ``s`` is at distance
+``d(x, s)`` cannot come closer to a new center ``c`` when ``d(s, c) >= 2 d(x, s)``, because
+``d(x, c) >= d(s, c) - d(x, s) >= d(x, s)``. So each pick here
+1. bounds the distances from ``c`` to the earlier centers from below (``i`` short rows),
+2. tests every point against its own center's bound (a few cheap ``N``-long passes),
+3. reads the full feature rows, and computes exact distances, only for the points that pass.
+Step 3 uses the same expression as the plain update, so the picks are those of the plain
+traversal (up to float rounding between near-equal distances; the tests compare them).
+
+For wide features (``D > 2 * BOUND_DIM``) steps 1-2, and a second test on each candidate, run
+on ``Z = X V``: the coordinates along the top principal directions of a row sample. ``V`` has
+orthonormal columns, so ``||V^T (x - y)|| <= ||x - y||`` for every pair: these are true lower
+bounds whatever ``V`` is, and principal directions make them tight, so few full rows are read.
+
+Early picks (few, large cells) can leave most points to recompute; when a pick reads more
+than ``FULL_PASS_FRACTION`` of the full rows the plain update is cheaper, so the traversal
+switches to it and retests pruning every ``RECHECK_EVERY`` picks. Narrow features start plain,
+wide ones pruned (a plain pick over wide rows costs most). On a GPU the plain update is one
+kernel and pruning would add several plus a host sync per pick, so it runs plain there.
+
+Measured on 2 cores (exact selection of 10 %, same picks as the plain traversal):
+20,480 x 1536 wide_resnet50_2 (random weights) features 13.1 s -> 0.6 s; 20,480 x 448 real
+efficientnet_lite0 features (five stages) 5.3 s -> 0.4 s; 71,680 x 152 one-shot 438 s -> 29 s.
+A 16,384 x 152 chunk, which stays in the cache, is about as fast either way (0.3-0.5 s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+PickProgress = Callable[[int, int], None]
+"""Called as ``progress(picked, target)`` after each greedy pick (for progress bars)."""
+
+BOUND_DIM = 64
+"""Principal directions that carry the lower bounds of features wider than twice this."""
+BOUND_SAMPLE = 4096
+"""Rows the principal directions are estimated from (their quality only affects speed)."""
+FULL_PASS_FRACTION = 0.4
+"""When a pick had to read more than this share of the full feature rows, the next picks update
+every point (plain pass) until a recheck finds pruning worth it again."""
+RECHECK_EVERY = 16
+"""While in plain passes, every this-many picks tests whether pruning has become worth it."""
+SAFETY = 1.0 - 1e-4
+"""Lower bounds are shrunk by this factor so that float rounding never prunes a point the
+exact comparison would update."""
+
+
+def principal_basis(points: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
+    """``[D, dim]`` orthonormal columns spanning the top principal directions of a row sample.
+
+    Randomized range finder with two power iterations on at most ``BOUND_SAMPLE`` rows, seeded
+    by its own generator (the global RNG is left alone).
+    """
+    n, width = points.shape
+    sample = points[:: max(1, n // BOUND_SAMPLE)]
+    sample = sample - sample.mean(dim=0, keepdim=True)
+    generator = torch.Generator().manual_seed(seed)
+    sketch = torch.randn(width, dim + 8, generator=generator).to(points.device, points.dtype)
+    basis = torch.linalg.qr(sample @ sketch).Q
+    for _ in range(2):
+        basis = torch.linalg.qr(sample @ torch.linalg.qr(sample.T @ basis).Q).Q
+    _, _, vh = torch.linalg.svd(basis.T @ sample, full_matrices=False)
+    return vh[:dim].T.contiguous()
+
+
+def _plain_update(points: torch.Tensor, sq_norms: torch.Tensor, current: int, min_dist: torch.Tensor) -> torch.Tensor:
+    """Squared distances of all points to ``points[current]``; ``min_dist`` lowered in place.
+
+    Returns the mask of the points whose nearest center is now ``current``.
+    ``||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2``: one matrix-vector product.
+    """
+    dist = torch.addmv(sq_norms, points, points[current], alpha=-2.0).add_(sq_norms[current])
+    closer = dist < min_dist
+    torch.minimum(min_dist, dist, out=min_dist)
+    return closer
+
+
+class _Pruner:
+    """State of the pruned traversal: lower-bound coordinates, centers, point assignments."""
+
+    def __init__(self, points: torch.Tensor, sq_norms: torch.Tensor, target_size: int) -> None:
+        self.points = points
+        self.sq_norms = sq_norms
+        # Coordinates whose differences bound the true distances from below (exact when narrow).
+        self.refine = points.shape[1] >= 4 * BOUND_DIM
+        self.coords = points @ principal_basis(points, BOUND_DIM) if self.refine else points
+        self.centers = torch.empty(target_size, self.coords.shape[1], dtype=points.dtype)
+        self.assign = torch.zeros(points.shape[0], dtype=torch.long)
+
+    def add_center(self, index: int, current: int) -> None:
+        self.centers[index] = self.coords[current]
+
+    def worth_it(self, rows_read: int) -> bool:
+        """Whether pruning beats a plain pass when a pick reads ``rows_read`` full feature rows."""
+        return rows_read <= FULL_PASS_FRACTION * self.points.shape[0]
+
+    def plain(self, index: int, current: int, min_dist: torch.Tensor) -> None:
+        """Update every point (and its assignment) for center number ``index``."""
+        self.assign.masked_fill_(_plain_update(self.points, self.sq_norms, current, min_dist), index)
+
+    def pruned(self, index: int, current: int, min_dist: torch.Tensor) -> int:
+        """Update only the points that may come closer to center ``index``; returns how many full
+        feature rows that took (the points that passed every lower-bound test).
+
+        ``index_select``/``masked_select``/``index_copy_`` rather than tensor indexing: 3-4x
+        faster on the CPU for these N-long gathers.
+        """
+        anchor = self.coords[current]
+        # d(s, c)^2 / 4 from below, for every earlier center s; x is a candidate if that is < d(x, s)^2.
+        quarter = (self.centers[:index] - anchor).square_().sum(dim=1).mul_(0.25 * SAFETY)
+        candidates = torch.lt(quarter.index_select(0, self.assign), min_dist).nonzero().squeeze(1)
+        if self.refine and candidates.numel():
+            bound = (self.coords.index_select(0, candidates) - anchor).square_().sum(dim=1).mul_(SAFETY)
+            candidates = candidates.masked_select(bound < min_dist.index_select(0, candidates))
+        rows = self.points.index_select(0, candidates)
+        dist = torch.addmv(self.sq_norms.index_select(0, candidates), rows, self.points[current], alpha=-2.0)
+        closer = dist.add_(self.sq_norms[current]) < min_dist.index_select(0, candidates)
+        moved = candidates.masked_select(closer)
+        min_dist.index_copy_(0, moved, dist.masked_select(closer))
+        self.assign.index_fill_(0, moved, index)
+        return candidates.numel()
+
+
+def greedy_kcenter_indices(
+    points: torch.Tensor, target_size: int, start: int, progress: PickProgress | None = None
+) -> torch.Tensor:
+    """Farthest-point traversal on ``points`` from index ``start``; returns the picked indices in order."""
+    n = points.shape[0]
+    sq_norms = (points * points).sum(dim=1)
+    min_dist = torch.full((n,), float("inf"), dtype=points.dtype, device=points.device)
+    picked = torch.empty(target_size, dtype=torch.long, device=points.device)
+    pruner = _Pruner(points, sq_norms, target_size) if points.device.type == "cpu" and target_size > 1 else None
+    pruning = pruner is not None and pruner.refine
+    current = int(start)
+    for i in range(target_size):
+        picked[i] = current
+        if pruner is None:
+            _plain_update(points, sq_norms, current, min_dist)
+        else:
+            pruner.add_center(i, current)
+            if i > 0 and (pruning or i % RECHECK_EVERY == 0):
+                pruning = pruner.worth_it(pruner.pruned(i, current, min_dist))
+            else:
+                pruner.plain(i, current, min_dist)
+        min_dist[current] = -1.0  # never re-pick a selected point, even when duplicates tie at 0
+        current = int(torch.argmax(min_dist))
+        if progress is not None:
+            progress(i + 1, target_size)
+    return picked
