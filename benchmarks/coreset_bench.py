@@ -3,11 +3,14 @@
     python -m benchmarks.coreset_bench   # with an interpreter that has anomalib (make bench)
 
 Features are fedpatch's patch vectors of the magnetic-tile training images (efficientnet_lite0,
-256x256, 70 images: 71,680 x 152, the reference configuration of issue 7; and wide_resnet50_2
-with random weights, 20 images: 20,480 x 1536). Each selection keeps 10 % and is timed alone;
-its quality is the coverage radius (largest distance from any patch to its nearest selected
-patch, full dimension), reported relative to exact one-shot greedy k-center on the full
-features. Selections run one after the other in one process with two torch threads.
+256x256, 70 images: 71,680 x 152, the reference configuration of issue 7; the same backbone's
+five stages blocks.1-5 on 5 images, 20,480 x 448, real wide features; and wide_resnet50_2 with
+random weights, 20 images: 20,480 x 1536). Each selection keeps 10 % and is timed alone; its
+quality is the coverage radius (largest distance from any patch to its nearest selected patch,
+full dimension), reported relative to exact one-shot greedy k-center on the full features
+(fedpatch's default selection; on the two 20,480-row sets the plain traversal without pruning
+is timed too, and its picks are compared). Selections run one after the other in one process
+with two torch threads.
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ from benchmarks.run import markdown
 REPO = Path(__file__).resolve().parents[1]
 
 
-def features(backbone: str, n_train: int, pretrained: bool) -> np.ndarray:
-    """fedpatch patch vectors ``[n_train * 1024, D]`` of the magnetic-tile training images."""
+def features(backbone: str, n_train: int, pretrained: bool, layers: list[str] | None = None) -> np.ndarray:
+    """fedpatch patch vectors ``[n_train * patches per image, D]`` of the magnetic-tile training images."""
     from fedpatch import PatchCore
     from fedpatch.features import extract_patch_features
     from fedpatch.patchcore import iter_image_batches
 
-    model = PatchCore(backbone, device="cpu", pretrained=pretrained)
+    model = PatchCore(backbone, layers, device="cpu", pretrained=pretrained)
     bench = bench_data.magnetic((256, 256), n_train)
     parts = [extract_patch_features(model.embed(batch)).float().numpy() for batch in iter_image_batches(bench.train_images(), 8)]
     return np.concatenate(parts)
@@ -46,15 +49,23 @@ def timed(select: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
     return rows, time.perf_counter() - start
 
 
-def compare(name: str, feats: np.ndarray, ratio: float, anomalib: bool, deadline: float) -> list[dict[str, Any]]:
-    from fedpatch.coreset import StreamingCoreset, coreset_size, coverage_radius, greedy_coreset_selection
+def compare(name: str, feats: np.ndarray, ratio: float, anomalib: bool, deadline: float, plain: bool) -> list[dict[str, Any]]:
+    """Time and measure every selection on ``feats``; ``plain`` adds the unpruned traversal."""
+    from fedpatch.coreset import StreamingCoreset, coreset_size, coverage_radius, greedy_coreset_indices
+    from fedpatch.kcenter import greedy_kcenter_indices
 
     target = coreset_size(len(feats), ratio)
     tensor = torch.from_numpy(feats)
     runs: dict[str, tuple[np.ndarray, float]] = {}
-    runs["fedpatch greedy, one-shot, full dim (exact)"] = timed(lambda: greedy_coreset_selection(tensor, target, projection_dim=None))
+    exact, seconds = timed(lambda: greedy_coreset_indices(tensor, target))
+    runs["fedpatch greedy, one-shot, exact (default selection, pruned)"] = (feats[exact], seconds)
+    if plain:
+        with torch.no_grad():
+            picks, seconds = timed(lambda: greedy_kcenter_indices(tensor, target, int(exact[0]), prune=False).numpy())
+        same = np.mean(picks == exact)
+        runs[f"fedpatch greedy, one-shot, exact, plain traversal (no pruning; {same:.1%} of its picks as pruned)"] = (feats[picks], seconds)
     if feats.shape[1] >= 256:
-        runs["fedpatch greedy, one-shot, 128-d projection (default)"] = timed(lambda: greedy_coreset_selection(tensor, target))
+        runs["fedpatch greedy, one-shot, 128-d projection (option)"] = timed(lambda: feats[greedy_coreset_indices(tensor, target, projection_dim=128)])
 
     def streaming() -> np.ndarray:
         coreset = StreamingCoreset(ratio, 16384)
@@ -63,28 +74,32 @@ def compare(name: str, feats: np.ndarray, ratio: float, anomalib: bool, deadline
         return coreset.finalize()
 
     runs["fedpatch streaming, chunks of 16,384 (default fit)"] = timed(streaming)
-    reference, note = None, ""
+    reference, note, picks = None, "", None
     if anomalib:
-        reference, note = anomalib_seconds(tensor, ratio, deadline)
-    exact_radius = coverage_radius(feats, runs["fedpatch greedy, one-shot, full dim (exact)"][0])
+        reference, note, picks = anomalib_seconds(tensor, ratio, deadline)
+        if picks is not None:
+            runs[f"anomalib KCenterGreedy{note}"] = (feats[picks], reference)
+    exact_radius = coverage_radius(feats, feats[exact])
     rows = []
     for method, (rows_selected, seconds) in runs.items():
         radius = coverage_radius(feats, rows_selected)
         rows.append({
             "features": name, "method": method, "selected": len(rows_selected), "seconds": seconds,
-            "speedup_vs_anomalib": reference / seconds if reference else None,
+            "speedup_vs_anomalib": reference / seconds if reference and not method.startswith("anomalib") else None,
             "coverage_radius": radius, "radius_vs_exact": radius / exact_radius,
         })
         print(rows[-1], flush=True)
-    if reference:
+    if reference and picks is None:
         rows.append({"features": name, "method": f"anomalib KCenterGreedy{note}", "selected": target, "seconds": reference})
     return rows
 
 
-def anomalib_seconds(tensor: torch.Tensor, ratio: float, deadline: float) -> tuple[float, str]:
-    """Time of anomalib's KCenterGreedy on ``tensor``; past ``deadline`` seconds its loop is
-    stopped and the time extrapolated from the picks done (every pick costs the same: one
-    distance pass over all points), which the returned note says."""
+def anomalib_seconds(tensor: torch.Tensor, ratio: float, deadline: float) -> tuple[float, str, np.ndarray | None]:
+    """Time of anomalib's KCenterGreedy on ``tensor`` and its picks; past ``deadline`` seconds
+    its loop is stopped and the time extrapolated from the picks done (every pick costs the
+    same: one distance pass over all points), which the returned note says (no picks then).
+    Its selection runs on a 245-d-or-so sparse random projection (Johnson-Lindenstrauss,
+    eps 0.9), so its coverage radius is measured like ours."""
     from anomalib.models.components.sampling import KCenterGreedy, k_center_greedy
 
     from benchmarks.worker import _Deadline, _deadline_tqdm
@@ -93,11 +108,11 @@ def anomalib_seconds(tensor: torch.Tensor, ratio: float, deadline: float) -> tup
     torch.manual_seed(0)
     start = time.perf_counter()
     try:
-        KCenterGreedy(tensor, ratio).sample_coreset()
+        picks = KCenterGreedy(tensor, ratio).select_coreset_idxs()
     except _Deadline as stop:
         seconds = (time.perf_counter() - start) * stop.total / max(stop.done, 1)
-        return seconds, f" (extrapolated from {stop.done:,} of {stop.total:,} picks in {deadline:.0f} s)"
-    return time.perf_counter() - start, ""
+        return seconds, f" (extrapolated from {stop.done:,} of {stop.total:,} picks in {deadline:.0f} s)", None
+    return time.perf_counter() - start, "", np.asarray(picks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,10 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     anomalib = not args.no_anomalib
     rows = []
     lite = features("efficientnet_lite0", 70, True)
-    rows += compare(f"efficientnet_lite0 magnetic 256x256, {lite.shape[0]:,} x {lite.shape[1]}", lite, 0.1, anomalib, args.anomalib_deadline)
+    rows += compare(f"efficientnet_lite0 magnetic 256x256, {lite.shape[0]:,} x {lite.shape[1]}", lite, 0.1, anomalib, args.anomalib_deadline, False)
     del lite
+    stages = features("efficientnet_lite0", 5, True, [f"blocks.{i}" for i in range(1, 6)])
+    rows += compare(f"efficientnet_lite0 blocks.1-5 magnetic 256x256, {stages.shape[0]:,} x {stages.shape[1]}", stages, 0.1, anomalib, args.anomalib_deadline, True)
+    del stages
     wrn = features("wide_resnet50_2", 20, False)
-    rows += compare(f"wide_resnet50_2 (random) magnetic 256x256, {wrn.shape[0]:,} x {wrn.shape[1]}", wrn, 0.1, anomalib, args.anomalib_deadline)
+    rows += compare(f"wide_resnet50_2 (random) magnetic 256x256, {wrn.shape[0]:,} x {wrn.shape[1]}", wrn, 0.1, anomalib, args.anomalib_deadline, True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "coreset.json").write_text(json.dumps(rows, indent=1))
     text = "# coreset selection, same features\n\nCommand: `python -m benchmarks.coreset_bench`\n\n" + markdown(rows)

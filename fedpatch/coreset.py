@@ -1,11 +1,14 @@
 """Coreset subsampling of patch features: greedy k-center (PatchCore) and random.
 
-Greedy k-center (farthest-point traversal) picks, one at a time, the point farthest from
-everything picked so far. It keeps a vector of each point's distance to its nearest selected
-point and updates it with one matrix-vector product per pick, so memory is O(N), never the
-O(N^2) distance matrix. As in the PatchCore paper, selection runs on a seeded Gaussian random
-projection of the features (``projection_dim``, Johnson-Lindenstrauss), while the rows returned
-are the original full-dimensional features.
+Greedy k-center (farthest-point traversal, ``fedpatch.kcenter``) picks, one at a time, the
+point farthest from everything picked so far. It keeps a vector of each point's distance to its
+nearest selected point (memory O(N), never the O(N^2) distance matrix) and, by the triangle
+inequality, recomputes only the distances that can shrink. Selection is exact by default. The
+PatchCore paper selects on a random projection for speed; with the pruned traversal exact
+selection costs about as much as selection on a 128-d projection did (1.2x on 344-d
+efficientnet_lite0 features) and covers better (the projection's coverage radius was 1.09-1.11x
+the exact one), so ``projection_dim`` (a seeded Gaussian projection, Johnson-Lindenstrauss) is
+an option, off by default. The rows returned are always the full-dimensional features.
 
 Streaming: ``StreamingCoreset`` never holds all the patches of a training set. Patches arrive
 in batches and are buffered up to ``chunk_size`` rows; each full chunk is reduced to its own
@@ -87,7 +90,7 @@ def greedy_coreset_indices(
     features: ArrayLike,
     target_size: int,
     seed: int = 42,
-    projection_dim: int | None = 128,
+    projection_dim: int | None = None,
     *,
     progress: PickProgress | None = None,
 ) -> np.ndarray:
@@ -104,7 +107,7 @@ def greedy_coreset_selection(
     features: ArrayLike,
     target_size: int,
     seed: int = 42,
-    projection_dim: int | None = 128,
+    projection_dim: int | None = None,
     *,
     progress: PickProgress | None = None,
 ) -> np.ndarray:
@@ -170,7 +173,7 @@ class StreamingCoreset:
         ratio: float,
         chunk_size: int = 16384,
         method: str = "greedy",
-        projection_dim: int | None = 128,
+        projection_dim: int | None = None,
         seed: int = 42,
         progress: PickProgress | None = None,
         device: torch.device | str | None = None,

@@ -131,14 +131,17 @@ class _Pruner:
 
 
 def greedy_kcenter_indices(
-    points: torch.Tensor, target_size: int, start: int, progress: PickProgress | None = None
+    points: torch.Tensor, target_size: int, start: int, progress: PickProgress | None = None, *, prune: bool = True
 ) -> torch.Tensor:
-    """Farthest-point traversal on ``points`` from index ``start``; returns the picked indices in order."""
+    """Farthest-point traversal on ``points`` from index ``start``; returns the picked indices in order.
+
+    ``prune=False`` runs the plain traversal everywhere (the reference the benchmarks time).
+    """
     n = points.shape[0]
     sq_norms = (points * points).sum(dim=1)
     min_dist = torch.full((n,), float("inf"), dtype=points.dtype, device=points.device)
     picked = torch.empty(target_size, dtype=torch.long, device=points.device)
-    pruner = _Pruner(points, sq_norms, target_size) if points.device.type == "cpu" and target_size > 1 else None
+    pruner = _Pruner(points, sq_norms, target_size) if prune and points.device.type == "cpu" and target_size > 1 else None
     pruning = pruner is not None and pruner.refine
     current = int(start)
     for i in range(target_size):

@@ -79,3 +79,24 @@ def test_gpu_and_parity_suites_cover_the_matrix() -> None:
     assert [(s.impl, s.seed, s.n_train) for group in parity for s in group] == [
         (impl, seed, 70) for seed in (0, 1, 2) for impl in ("fedpatch", "anomalib")
     ]
+
+
+def test_coreset_bench_rows_compare_pruned_plain_and_streaming() -> None:
+    """On 300-d clustered rows (no anomalib): the pruned and plain traversals pick the same rows
+    (radius ratio 1 for both), the optional projection and the two-chunk streaming cover worse."""
+    from benchmarks.coreset_bench import compare
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0.0, 3.0, (30, 300))
+    feats = (centers[rng.integers(30, size=20_000)] + rng.normal(0.0, 1.0, (20_000, 300))).astype(np.float32)
+    rows = {row["method"]: row for row in compare("clusters", feats, 0.01, False, 0.0, True)}
+    assert list(rows) == [
+        "fedpatch greedy, one-shot, exact (default selection, pruned)",
+        "fedpatch greedy, one-shot, exact, plain traversal (no pruning; 100.0% of its picks as pruned)",
+        "fedpatch greedy, one-shot, 128-d projection (option)",
+        "fedpatch streaming, chunks of 16,384 (default fit)",
+    ]
+    radius = [row["radius_vs_exact"] for row in rows.values()]
+    assert radius[0] == radius[1] == 1.0 and radius[2] > 1.0 and radius[3] > 1.0
+    assert [row["selected"] for row in rows.values()] == [200, 200, 200, 164 + 37]  # 1 % of 16,384 and of 3,616
+    assert all(row["speedup_vs_anomalib"] is None and row["seconds"] > 0 for row in rows.values())
