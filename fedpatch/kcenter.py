@@ -14,7 +14,7 @@ Most of those updates change nothing. A point ``x`` whose nearest center ``s`` i
 Step 3 uses the same expression as the plain update, so the picks are those of the plain
 traversal (up to float rounding between near-equal distances; the tests compare them).
 
-For wide features (``D > 2 * BOUND_DIM``) steps 1-2, and a second test on each candidate, run
+For wide features (``D >= 4 * BOUND_DIM``) steps 1-2, and a second test on each candidate, run
 on ``Z = X V``: the coordinates along the top principal directions of a row sample. ``V`` has
 orthonormal columns, so ``||V^T (x - y)|| <= ||x - y||`` for every pair: these are true lower
 bounds whatever ``V`` is, and principal directions make them tight, so few full rows are read.
@@ -24,24 +24,32 @@ than ``FULL_PASS_FRACTION`` of the full rows the plain update is cheaper, so the
 switches to it and retests pruning every ``RECHECK_EVERY`` picks. Narrow features start plain,
 wide ones pruned (a plain pick over wide rows costs most). On a GPU the plain update is one
 kernel and pruning would add several plus a host sync per pick, so it runs plain there.
+Features without low-dimensional structure (isotropic noise) leave the bounds nothing to rule
+out; the traversal then runs plain passes, as slow as the unpruned one (13 s for 2,048 picks
+of 20,480 x 1536 rows), and logs a warning that names ``projection_dim`` as the faster,
+approximate alternative. Backbone features measured here are far from that case.
 
-Measured on 2 cores (exact selection of 10 %, same picks as the plain traversal):
-20,480 x 1536 wide_resnet50_2 (random weights) features 13.1 s -> 0.6 s; 20,480 x 448 real
-efficientnet_lite0 features (five stages) 5.3 s -> 0.4 s; 71,680 x 152 one-shot 438 s -> 29 s.
-A 16,384 x 152 chunk, which stays in the cache, is about as fast either way (0.3-0.5 s).
+Measured on 2 cores (exact selection of 10 %, same picks as the plain traversal; several runs,
+``benchmarks.coreset_bench``): 20,480 x 1536 wide_resnet50_2 (random weights) features
+13-14 s -> 0.4-0.6 s; 20,480 x 448 real efficientnet_lite0 features (five stages)
+4.9-5.6 s -> 0.4-0.6 s; 71,680 x 152 one-shot 438 s -> 19-20 s. A 16,384 x 152 chunk, which
+stays in the cache, is about as fast either way (0.3-0.5 s).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
+
+LOGGER = logging.getLogger(__name__)
 
 PickProgress = Callable[[int, int], None]
 """Called as ``progress(picked, target)`` after each greedy pick (for progress bars)."""
 
 BOUND_DIM = 64
-"""Principal directions that carry the lower bounds of features wider than twice this."""
+"""Principal directions that carry the lower bounds of features at least four times as wide."""
 BOUND_SAMPLE = 4096
 """Rows the principal directions are estimated from (their quality only affects speed)."""
 FULL_PASS_FRACTION = 0.4
@@ -49,6 +57,9 @@ FULL_PASS_FRACTION = 0.4
 every point (plain pass) until a recheck finds pruning worth it again."""
 RECHECK_EVERY = 16
 """While in plain passes, every this-many picks tests whether pruning has become worth it."""
+WARN_AFTER = 64
+"""Picks after which (or after a tenth of the picks, if later) wide features whose picks went
+mostly plain get a warning: exact selection then costs a full pass per pick."""
 SAFETY = 1.0 - 1e-4
 """Lower bounds are shrunk by this factor so that float rounding never prunes a point the
 exact comparison would update."""
@@ -143,6 +154,7 @@ def greedy_kcenter_indices(
     picked = torch.empty(target_size, dtype=torch.long, device=points.device)
     pruner = _Pruner(points, sq_norms, target_size) if prune and points.device.type == "cpu" and target_size > 1 else None
     pruning = pruner is not None and pruner.refine
+    plain_picks = 0
     current = int(start)
     for i in range(target_size):
         picked[i] = current
@@ -154,6 +166,14 @@ def greedy_kcenter_indices(
                 pruning = pruner.worth_it(pruner.pruned(i, current, min_dist))
             else:
                 pruner.plain(i, current, min_dist)
+                plain_picks += 1
+            if pruner.refine and i == max(WARN_AFTER, target_size // 10) and 2 * plain_picks > i:
+                LOGGER.warning(
+                    "greedy coreset on %d x %d features: the distance bounds rule out few points (the features "
+                    "show little low-dimensional structure), so exact selection costs a full pass over them per "
+                    "pick; model.projection_dim: 128 selects on a random projection instead (faster, approximate)",
+                    n, points.shape[1],
+                )
         min_dist[current] = -1.0  # never re-pick a selected point, even when duplicates tie at 0
         current = int(torch.argmax(min_dist))
         if progress is not None:

@@ -362,3 +362,18 @@ def test_streaming_bank_with_an_exact_reservation_is_allocated_once() -> None:
     first = coreset._bank
     bank = stream(points[300:], coreset, 100)
     assert coreset._bank is first and np.shares_memory(bank, first) and bank.shape == (3 * 60 + 20, 4)
+
+
+def test_unstructured_wide_features_warn_that_exact_selection_is_slow(caplog: pytest.LogCaptureFixture) -> None:
+    """Isotropic noise leaves the bounds nothing to rule out: the traversal goes plain and says
+    so (naming the shape and the projection option); clustered rows of the same width do not."""
+    noise = torch.from_numpy(np.random.default_rng(0).normal(size=(1000, 300)).astype(np.float32))
+    with caplog.at_level("WARNING", logger="fedpatch.kcenter"):
+        picked = kcenter.greedy_kcenter_indices(noise, 100, 0)
+    assert picked.tolist() == brute_force_farthest_point(noise.numpy(), 100, 0)
+    assert [r.getMessage()[:50] for r in caplog.records] == ["greedy coreset on 1000 x 300 features: the distanc"]
+    assert "projection_dim: 128" in caplog.records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedpatch.kcenter"):
+        kcenter.greedy_kcenter_indices(torch.from_numpy(clustered_points(0, n=1000, dim=300)), 100, 0)
+    assert not caplog.records
