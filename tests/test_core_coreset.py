@@ -377,3 +377,24 @@ def test_unstructured_wide_features_warn_that_exact_selection_is_slow(caplog: py
     with caplog.at_level("WARNING", logger="fedpatch.kcenter"):
         kcenter.greedy_kcenter_indices(torch.from_numpy(clustered_points(0, n=1000, dim=300)), 100, 0)
     assert not caplog.records
+
+
+def test_traversal_runs_on_one_thread_and_restores_the_count() -> None:
+    """Picks run on one torch thread (small ops; see ``kcenter._one_thread``); the caller's
+    thread count is back afterwards, also when the traversal raises."""
+    seen: set[int] = set()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        points = torch.from_numpy(clustered_points(0, n=500, dim=32))
+        kcenter.greedy_kcenter_indices(points, 20, 0, lambda picked, target: seen.add(torch.get_num_threads()))
+        assert seen == {1} and torch.get_num_threads() == 2
+
+        def fail(picked: int, target: int) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            kcenter.greedy_kcenter_indices(points, 20, 0, fail)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

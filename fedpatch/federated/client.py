@@ -200,7 +200,8 @@ def evaluate_client(
     model = workflow.build_model(config)
     for name, bank in banks.items():
         received = validate_bank_array(bank, model.feature_dim, source=f"global bank of {name!r} sent by the server to {data.source}")
-        model.set_memory_bank(privacy.incoming(received))
+        # handed over, not copied: nothing else holds the received array (a global bank can be GBs)
+        model.set_memory_bank(privacy.incoming(received), copy=False)
         _, calibration = workflow.split_calibration(data.train[name], config)
         scores = workflow.calibration_scores(model, calibration, config)
         evaluation = workflow.score_local(model, data.test[name], config)
