@@ -8,8 +8,8 @@ five stages blocks.1-5 on 5 images, 20,480 x 448, real wide features; and wide_r
 random weights, 20 images: 20,480 x 1536). Each selection keeps 10 % and is timed alone; its
 quality is the coverage radius (largest distance from any patch to its nearest selected patch,
 full dimension), reported relative to exact one-shot greedy k-center on the full features
-(fedpatch's default selection; on the two 20,480-row sets the plain traversal without pruning
-is timed too, and its picks are compared). Selections run one after the other in one process
+(``projection_dim=None``; on the two 20,480-row sets the plain traversal without pruning is
+timed too, and its picks are compared). Selections run one after the other in one process
 with two torch threads.
 """
 
@@ -57,15 +57,15 @@ def compare(name: str, feats: np.ndarray, ratio: float, anomalib: bool, deadline
     target = coreset_size(len(feats), ratio)
     tensor = torch.from_numpy(feats)
     runs: dict[str, tuple[np.ndarray, float]] = {}
-    exact, seconds = timed(lambda: greedy_coreset_indices(tensor, target))
-    runs["fedpatch greedy, one-shot, exact (default selection, pruned)"] = (feats[exact], seconds)
+    exact, seconds = timed(lambda: greedy_coreset_indices(tensor, target, projection_dim=None))
+    runs["fedpatch greedy, one-shot, exact (option, pruned)"] = (feats[exact], seconds)
     if plain:
         with torch.no_grad():
-            picks, seconds = timed(lambda: greedy_kcenter_indices(tensor, target, int(exact[0]), prune=False).numpy())
-        same = np.mean(picks == exact)
-        runs[f"fedpatch greedy, one-shot, exact, plain traversal (no pruning; {same:.1%} of its picks as pruned)"] = (feats[picks], seconds)
+            plain_picks, seconds = timed(lambda: greedy_kcenter_indices(tensor, target, int(exact[0]), prune=False).numpy())
+        same = np.mean(plain_picks == exact)
+        runs[f"fedpatch greedy, one-shot, exact, plain traversal (no pruning; {same:.1%} of its picks as pruned)"] = (feats[plain_picks], seconds)
     if feats.shape[1] >= 256:
-        runs["fedpatch greedy, one-shot, 128-d projection (option)"] = timed(lambda: feats[greedy_coreset_indices(tensor, target, projection_dim=128)])
+        runs["fedpatch greedy, one-shot, 128-d projection (default)"] = timed(lambda: feats[greedy_coreset_indices(tensor, target, projection_dim=128)])
 
     def streaming() -> np.ndarray:
         coreset = StreamingCoreset(ratio, 16384)

@@ -8,12 +8,6 @@ runs for real at full scale, and the WideResNet weights stay loaded. The backbon
 activation memory is bounded per pass (one 1000x750 image per pass) and is measured with real
 images by ``benchmarks.run --suite scaling``; the two add up to the fit's peak.
 
-The random features have no low-dimensional structure, which leaves the exact greedy
-selection (the default) nothing to prune: it would cost a full pass per pick, ~10 s per
-16,384-patch chunk, half an hour in all, while real backbone features prune well. So the two
-stub rows select on a 128-d random projection (``projection_dim: 128``; the memory it needs is
-a 16,384 x 128 copy of the chunk); the real row uses the default exact selection.
-
 Each setting runs in its own process (peak RSS from ``ru_maxrss``), side by side:
 ``sized`` (the default: ``fit`` knows the image count and sizes the bank once) against
 ``unsized`` (an iterable without ``len``: the bank array grows by doubling), then ``real``: the
@@ -45,7 +39,7 @@ def worker(images: int, sized: bool, real_backbone: bool = False) -> dict[str, f
     from fedpatch import PatchCore
 
     torch.set_num_threads(2)
-    model = PatchCore("wide_resnet50_2", pretrained=False, device="cpu", seed=0, progress=True, projection_dim=None if real_backbone else 128)
+    model = PatchCore("wide_resnet50_2", pretrained=False, device="cpu", seed=0, progress=True)
     generator = torch.Generator().manual_seed(0)
     if not real_backbone:
         model.embed = lambda batch: torch.rand((batch.shape[0], DIM, *GRID), generator=generator)  # type: ignore[method-assign]
@@ -91,8 +85,7 @@ def main() -> None:
     lines = [
         "# fit memory at full scale (WRN-50-2 feature shape, 1000x750)", "",
         f"Command: `python -m benchmarks.fit_memory --images {args.images}`. First two rows: backbone output replaced by random "
-        "features of its exact shape (see the module docstring), coreset on a 128-d projection; last row: the real backbone, "
-        "exact coreset (the default). Peak RSS per process.", "",
+        "features of its exact shape (see the module docstring); last row: the real backbone. Peak RSS per process.", "",
         "| run | images | patches | bank rows | bank MiB | peak RSS MiB | RSS before fit MiB | fit s | coreset s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -58,7 +58,7 @@ def aggregate_banks(
     global_ratio: float = 1.0,
     global_size: int | None = None,
     seed: int = 42,
-    projection_dim: int | None = None,
+    projection_dim: int | None = 128,
 ) -> AggregationResult:
     """Concatenate client banks (sorted by client id) and reduce them with a greedy coreset."""
     if not banks:

@@ -59,7 +59,7 @@ class PatchCoreConfig:
         blur_sigma: Gaussian smoothing of the pixel maps, in pixels.
         coreset_method: ``"greedy"`` (k-center) or ``"random"``.
         projection_dim: random projection used by the greedy selection when it at least halves
-            the feature dimension (``None``, the default: exact selection).
+            the feature dimension (``None``: never project).
         coreset_chunk_size: patches per streaming chunk (bounds fit memory).
         batch_size: images per backbone forward pass (fewer for large images, so that a pass
             holds at most ``MAX_BATCH_PIXELS`` pixels).
@@ -80,7 +80,7 @@ class PatchCoreConfig:
     num_neighbors: int = 9
     blur_sigma: float = 4.0
     coreset_method: str = "greedy"
-    projection_dim: int | None = None
+    projection_dim: int | None = 128
     coreset_chunk_size: int = 16384
     batch_size: int = 8
     seed: int = 42

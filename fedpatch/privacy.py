@@ -14,7 +14,7 @@ the client's images. Two options change what leaves the client:
     every L2 distance, so the server can still merge banks; a client un-rotates the global bank
     it receives (``bank @ Q.T``) and scores exactly as without rotation (float32 rounding
     aside). One exception: when the server reduces the union (``global_ratio < 1``) with a
-    random projection (``model.projection_dim`` set, features more than twice as wide), projecting
+    random projection (features more than twice ``model.projection_dim`` wide), projecting
     rotated rows is a different random projection, so it selects other rows (measured: 57-64 %
     the same, AUROC within 0.03 either way); with exact distances the selection is the same.
     The server still sees every distance and norm between rows (the whole Gram

@@ -91,9 +91,9 @@ def test_coreset_bench_rows_compare_pruned_plain_and_streaming() -> None:
     feats = (centers[rng.integers(30, size=20_000)] + rng.normal(0.0, 1.0, (20_000, 300))).astype(np.float32)
     rows = {row["method"]: row for row in compare("clusters", feats, 0.01, False, 0.0, True)}
     assert list(rows) == [
-        "fedpatch greedy, one-shot, exact (default selection, pruned)",
+        "fedpatch greedy, one-shot, exact (option, pruned)",
         "fedpatch greedy, one-shot, exact, plain traversal (no pruning; 100.0% of its picks as pruned)",
-        "fedpatch greedy, one-shot, 128-d projection (option)",
+        "fedpatch greedy, one-shot, 128-d projection (default)",
         "fedpatch streaming, chunks of 16,384 (default fit)",
     ]
     radius = [row["radius_vs_exact"] for row in rows.values()]

@@ -72,7 +72,7 @@ def test_fit_single_chunk_bank_is_greedy_coreset(fitted_model: PatchCore, train_
     assert stats.bank_size == math.ceil(0.1 * patches) == 39
     bank = fitted_model.get_memory_bank()
     assert bank.shape == (39, 128 + 256) and bank.dtype == np.float32
-    expected = greedy_coreset_selection(patch_rows(fitted_model, train_images), 39, seed=42, projection_dim=None)
+    expected = greedy_coreset_selection(patch_rows(fitted_model, train_images), 39, seed=42, projection_dim=128)
     np.testing.assert_allclose(bank, expected, rtol=1e-5, atol=1e-6)
 
 
