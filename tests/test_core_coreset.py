@@ -120,6 +120,7 @@ def test_pruned_traversal_equals_brute_force(dim: int, full_pass_fraction: float
     test per candidate. Fraction 0 switches to a plain pass after every recheck, 1 never does.
     """
     monkeypatch.setattr(kcenter, "FULL_PASS_FRACTION", full_pass_fraction)
+    monkeypatch.setattr(kcenter, "PRUNE_MIN_BYTES", 0)  # prune these small narrow sets too
     points = clustered_points(dim, n=1500, dim=dim)
     expected = brute_force_farthest_point(points, 150, 11)
     assert kcenter.greedy_kcenter_indices(torch.from_numpy(points), 150, 11).tolist() == expected
@@ -140,6 +141,7 @@ def test_pruned_traversal_reads_few_full_rows(dim: int, monkeypatch: pytest.Monk
         return reads[-1]
 
     monkeypatch.setattr(kcenter._Pruner, "pruned", counting)
+    monkeypatch.setattr(kcenter, "PRUNE_MIN_BYTES", 0)
     points = clustered_points(1, dim=dim)
     picked = kcenter.greedy_kcenter_indices(torch.from_numpy(points), 300, 0)
     assert picked.tolist() == brute_force_farthest_point(points, 300, 0)
@@ -398,3 +400,24 @@ def test_traversal_runs_on_one_thread_and_restores_the_count() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+def test_narrow_features_that_fit_in_the_cache_are_not_pruned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below ``PRUNE_MIN_BYTES`` narrow rows take plain passes only; above it they are pruned
+    (same picks either way); wide rows are pruned whatever their size."""
+    built: list[int] = []
+    init = kcenter._Pruner.__init__
+
+    def recording(self: kcenter._Pruner, points: torch.Tensor, sq_norms: torch.Tensor, target_size: int) -> None:
+        built.append(points.shape[1])
+        init(self, points, sq_norms, target_size)
+
+    monkeypatch.setattr(kcenter._Pruner, "__init__", recording)
+    narrow = torch.from_numpy(clustered_points(2, n=1500, dim=96))  # 576 KB
+    plain = kcenter.greedy_kcenter_indices(narrow, 100, 0)
+    assert built == []
+    monkeypatch.setattr(kcenter, "PRUNE_MIN_BYTES", 500_000)
+    assert torch.equal(kcenter.greedy_kcenter_indices(narrow, 100, 0), plain) and built == [96]
+    monkeypatch.setattr(kcenter, "PRUNE_MIN_BYTES", 2**40)
+    kcenter.greedy_kcenter_indices(torch.from_numpy(clustered_points(2, n=500, dim=256)), 50, 0)
+    assert built == [96, 256]
