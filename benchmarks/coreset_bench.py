@@ -10,7 +10,7 @@ quality is the coverage radius (largest distance from any patch to its nearest s
 full dimension), reported relative to exact one-shot greedy k-center on the full features
 (``projection_dim=None``; on the two 20,480-row sets the plain traversal without pruning is
 timed too, and its picks are compared). Selections run one after the other in one process
-with two torch threads.
+with two torch threads (fedpatch's greedy pick loop on one, see ``fedpatch.kcenter``).
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-anomalib", action="store_true")
     parser.add_argument("--anomalib-deadline", type=float, default=120.0, help="seconds before anomalib's greedy loop is stopped and extrapolated")
     args = parser.parse_args(argv)
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_CAP, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_CAP if hard == resource.RLIM_INFINITY else min(ADDRESS_SPACE_CAP, hard), hard))
     torch.set_num_threads(2)
     anomalib = not args.no_anomalib
     rows = []
