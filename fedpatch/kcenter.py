@@ -37,8 +37,8 @@ projects wide features by default (``fedpatch.coreset``).
 Measured on 2 cores (exact selection of 10 %, same picks as the plain traversal; several runs,
 ``benchmarks.coreset_bench``): 20,480 x 1536 wide_resnet50_2 (random weights) features
 13-14 s -> 0.4-0.6 s; 20,480 x 448 real efficientnet_lite0 features (five stages)
-4.9-5.6 s -> 0.4-0.6 s; 71,680 x 152 one-shot 438 s -> 19-20 s. A 16,384 x 152 chunk, which
-stays in the cache, is about as fast either way (0.3-0.5 s).
+4.9-5.6 s -> 0.4-0.6 s; 71,680 x 152 one-shot 438 s -> 19-23 s. A 16,384 x 152 chunk, which
+stays in the cache, is faster plain (``PRUNE_MIN_BYTES``).
 """
 
 from __future__ import annotations
