@@ -24,8 +24,8 @@ than ``FULL_PASS_FRACTION`` of the full rows the plain update is cheaper, so the
 switches to it and retests pruning every ``RECHECK_EVERY`` picks. Narrow features start plain,
 wide ones pruned (a plain pick over wide rows costs most); narrow features that fit in the
 cache (``PRUNE_MIN_BYTES``, e.g. a default 16,384-row chunk of 152-d patches) are not pruned at
-all. On a GPU the plain update is one
-kernel and pruning would add several plus a host sync per pick, so it runs plain there.
+all. On a GPU the plain update is one kernel and pruning would add several plus a host sync
+per pick, so it runs plain there.
 Features without low-dimensional structure (isotropic noise) leave the bounds nothing to rule
 out; the traversal then runs plain passes, as slow as the unpruned one (13 s for 2,048 picks
 of 20,480 x 1536 rows), and logs a warning that names ``projection_dim`` as the faster,
@@ -188,9 +188,8 @@ def greedy_kcenter_indices(
     picked = torch.empty(target_size, dtype=torch.long, device=points.device)
     pays = points.shape[1] >= 4 * BOUND_DIM or points.numel() * points.element_size() > PRUNE_MIN_BYTES
     pruner = _Pruner(points, sq_norms, target_size) if prune and pays and points.device.type == "cpu" and target_size > 1 else None
-    pruning = pruner is not None and pruner.refine
     with _one_thread(points.device):
-        _traverse(points, sq_norms, min_dist, picked, pruner, pruning, int(start), progress)
+        _traverse(points, sq_norms, min_dist, picked, pruner, int(start), progress)
     return picked
 
 
@@ -200,12 +199,12 @@ def _traverse(
     min_dist: torch.Tensor,
     picked: torch.Tensor,
     pruner: _Pruner | None,
-    pruning: bool,
     current: int,
     progress: PickProgress | None,
 ) -> None:
     """The pick loop of ``greedy_kcenter_indices``: fills ``picked`` in order."""
     n, target_size = points.shape[0], picked.shape[0]
+    pruning = pruner is not None and pruner.refine  # wide features start pruned, narrow ones plain
     plain_picks = 0
     for i in range(target_size):
         picked[i] = current
