@@ -21,13 +21,14 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from benchmarks import data as bench_data
 from benchmarks.run import markdown
+from benchmarks.worker import timed
 
 REPO = Path(__file__).resolve().parents[1]
 ADDRESS_SPACE_CAP = 16 * 2**30
@@ -46,12 +47,6 @@ def features(backbone: str, n_train: int, pretrained: bool, layers: list[str] | 
     return np.concatenate(parts)
 
 
-def timed(select: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
-    start = time.perf_counter()
-    rows = select()
-    return rows, time.perf_counter() - start
-
-
 def compare(name: str, feats: np.ndarray, ratio: float, anomalib: bool, deadline: float, plain: bool) -> list[dict[str, Any]]:
     """Time and measure every selection on ``feats``; ``plain`` adds the unpruned traversal."""
     from fedpatch.coreset import StreamingCoreset, coreset_size, coverage_radius, greedy_coreset_indices
@@ -60,15 +55,16 @@ def compare(name: str, feats: np.ndarray, ratio: float, anomalib: bool, deadline
     target = coreset_size(len(feats), ratio)
     tensor = torch.from_numpy(feats)
     runs: dict[str, tuple[np.ndarray, float]] = {}
-    exact, seconds = timed(lambda: greedy_coreset_indices(tensor, target, projection_dim=None))
+    exact, seconds, _ = timed(lambda: greedy_coreset_indices(tensor, target, projection_dim=None))
     runs["fedpatch greedy, one-shot, exact (option, pruned)"] = (feats[exact], seconds)
     if plain:
         with torch.no_grad():
-            plain_picks, seconds = timed(lambda: greedy_kcenter_indices(tensor, target, int(exact[0]), prune=False).numpy())
+            plain_picks, seconds, _ = timed(lambda: greedy_kcenter_indices(tensor, target, int(exact[0]), prune=False).numpy())
         same = np.mean(plain_picks == exact)
         runs[f"fedpatch greedy, one-shot, exact, plain traversal (no pruning; {same:.1%} of its picks as pruned)"] = (feats[plain_picks], seconds)
     if feats.shape[1] >= 256:
-        runs["fedpatch greedy, one-shot, 128-d projection (default)"] = timed(lambda: feats[greedy_coreset_indices(tensor, target, projection_dim=128)])
+        projected, seconds, _ = timed(lambda: feats[greedy_coreset_indices(tensor, target, projection_dim=128)])
+        runs["fedpatch greedy, one-shot, 128-d projection (default)"] = (projected, seconds)
 
     def streaming() -> np.ndarray:
         coreset = StreamingCoreset(ratio, 16384)
@@ -76,7 +72,8 @@ def compare(name: str, feats: np.ndarray, ratio: float, anomalib: bool, deadline
             coreset.add(tensor[start : start + 1024 * 8])
         return coreset.finalize()
 
-    runs["fedpatch streaming, chunks of 16,384 (default fit)"] = timed(streaming)
+    streamed, seconds, _ = timed(streaming)
+    runs["fedpatch streaming, chunks of 16,384 (default fit)"] = (streamed, seconds)
     reference, note, picks = None, "", None
     if anomalib:
         reference, note, picks = anomalib_seconds(tensor, ratio, deadline)
