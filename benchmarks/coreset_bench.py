@@ -106,13 +106,14 @@ def anomalib_seconds(tensor: torch.Tensor, ratio: float, deadline: float) -> tup
     ``None`` for its time, instead of taking the machine down."""
     from anomalib.models.components.sampling import KCenterGreedy, k_center_greedy
 
-    from benchmarks.worker import _Deadline, _deadline_tqdm
+    from benchmarks.worker import _Deadline, _deadline_tqdm, greedy_allocator
 
     k_center_greedy.tqdm = _deadline_tqdm(deadline)
     torch.manual_seed(0)
     start = time.perf_counter()
     try:
-        picks = KCenterGreedy(tensor, ratio).select_coreset_idxs()
+        with greedy_allocator():  # as in the main suite
+            picks = KCenterGreedy(tensor, ratio).select_coreset_idxs()
     except _Deadline as stop:
         seconds = (time.perf_counter() - start) * stop.total / max(stop.done, 1)
         return seconds, f" (extrapolated from {stop.done:,} of {stop.total:,} picks in {deadline:.0f} s)", None

@@ -13,7 +13,8 @@ fedpatch's coreset is handed to anomalib's ``PatchcoreModel`` (whose own greedy 
 the slow part of its fit and is timed by the main suite), so the comparison is of prediction
 alone. Everything else is as in the main suite (``benchmarks.worker``): the same images, the
 same backbone weights (checked equal), layers, resolution and batch size, 2 torch threads,
-and the same allocator setting (``benchmarks.run.WORKER_ENV``).
+the same OpenMP setting (``benchmarks.run.WORKER_ENV``) and fedpatch's malloc settings
+(``fedpatch.allocator``, process-wide).
 
 Reported per configuration: images per second of both (wall clock and process CPU time),
 their ratios, the median of the per-group ratios, and the largest relative difference of the
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", type=int, nargs="*", help="indices of the main suite's configurations to run")
     args = parser.parse_args(argv)
     if any(os.environ.get(key) != value for key, value in WORKER_ENV.items()):
-        # the main suite's allocator and OpenMP settings apply from process start
+        # the main suite's OpenMP setting applies from process start
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.paired_predict", *(argv if argv is not None else sys.argv[1:])], {**os.environ, **WORKER_ENV})
     torch.set_num_threads(2)
     configs = [MATRIX[i] for i in args.only] if args.only else MATRIX

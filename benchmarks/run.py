@@ -36,14 +36,11 @@ from benchmarks.worker import Spec
 REPO = Path(__file__).resolve().parents[1]
 LITE, WRN = "efficientnet_lite0", "wide_resnet50_2"
 APPROX_INDEXES = ["hnsw", "ivf"]
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "OMP_WAIT_POLICY": "PASSIVE"}
-"""The same allocator setting for every worker: glibc's malloc raises its mmap threshold after
-freeing large blocks, and then keeps freed multi-megabyte temporaries on its heap. anomalib's
-KCenterGreedy allocates one N x d temporary per pick; with glibc's default its RSS grew by
-~12 MB per pick (9 GB cap hit after ~700 picks on 20,480 patches), with a fixed 1 MiB threshold
-it stays flat. fedpatch's greedy allocates one N-float vector per pick (64 KiB per chunk).
-OMP_WAIT_POLICY=PASSIVE is what ``import fedpatch`` sets by default (fedpatch/backbone.py); the
-workers import torch first, so it is set for both implementations here."""
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""OMP_WAIT_POLICY=PASSIVE is what ``import fedpatch`` sets by default (fedpatch/backbone.py); the
+workers import torch first, so it is set for both implementations here. No ``MALLOC_*``
+variable: both implementations' workers import fedpatch and so run under its malloc settings
+(``fedpatch.allocator``), except anomalib's greedy selection (``worker.greedy_allocator``)."""
 
 
 MATRIX: list[dict[str, Any]] = [

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fedpatch import allocator
 from fedpatch.anomaly_map import patch_scores_to_maps, reweighted_image_score
 from fedpatch.atomic import atomic_save
 from fedpatch.backbone import FeatureExtractor, get_backbone_spec
@@ -312,6 +313,7 @@ class PatchCore:
         stats.index_seconds = time.perf_counter() - start
         stats.patches_seen, stats.bank_size, stats.chunks = coreset.patches_seen, len(bank), coreset.chunks
         self.fit_stats = stats
+        allocator.release_free_memory()  # fitting's freed temporaries go back (fedpatch.allocator)
         LOGGER.info("fit: %d images, %d patches -> bank of %d", stats.images, stats.patches_seen, stats.bank_size)
         return self
 
