@@ -51,9 +51,11 @@ def test_rss_monitor_sees_a_phase_peak() -> None:
     monitor = RssMonitor(cap_mb=None, on_cap=lambda phase, rss: None, interval=0.002)
     before = current_rss_mb()
     monitor.phase("alloc")
-    block = np.ones(200 * 2**20 // 8)  # 200 MiB, touched
+    # 300 MiB, touched: above fedpatch.allocator's mmap threshold, so fresh pages (a smaller
+    # block may reuse heap memory an earlier test freed, already resident)
+    block = np.ones(300 * 2**20 // 8)
     time.sleep(0.1)
-    assert monitor.peak("alloc") - before >= 190
+    assert monitor.peak("alloc") - before >= 290
     del block
 
 
