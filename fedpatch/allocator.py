@@ -16,9 +16,16 @@ What: blocks below ``MMAP_THRESHOLD`` (256 MiB) come from the heap, and the heap
 layer and the next image reuse pages that are already mapped. Blocks of 256 MiB or more (a
 large bank, for one) are still mapped and unmapped on their own. The cost is resident memory
 that stays allocated between batches: +191 MiB peak RSS for WideResNet-50-2 at 1000x750,
-within 12 MiB either way on the other three configurations. ``PatchCore.fit`` gives it back
-when it ends (``release_free_memory``); prediction keeps it, so that a caller scoring one
-image per call does not pay the page faults again on every call.
+within 12 MiB either way on the other three configurations. (A freed block is reused only by a
+request that fits in it, and torch aligns its blocks, so a repeating pattern of allocations
+grows the heap a little before it settles: three 64 MiB tensors in turn took +128 MiB, then
+neither growth nor page faults.) ``release_free_memory`` hands the retained memory back:
+``FeatureExtractor`` calls it once built, ``PatchCore.fit`` after each coreset chunk it
+reduces and when it ends. Without those calls a 300-image WRN-shaped fit at 1000x750
+(``benchmarks.fit_memory``) peaked at 3,870 MiB instead of 3,371 (4,554 instead of 3,646
+with the bank grown by doubling); with them its working memory above the bank is what it was
+under glibc's defaults. Prediction keeps the memory, so that a caller scoring one image per
+call does not pay the page faults again on every call.
 
 ``import fedpatch`` applies the settings once (``tune``), except where the user chose malloc
 settings of their own (any ``MALLOC_*`` variable or a ``glibc.malloc`` tunable in the
@@ -29,9 +36,9 @@ nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
+from collections.abc import Mapping
 from functools import lru_cache
 
 MMAP_THRESHOLD = 256 << 20
@@ -48,7 +55,7 @@ def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the symbols already loaded in this process, libc's among them
     except OSError:
         return None
     if not all(hasattr(libc, name) for name in ("gnu_get_libc_version", "mallopt", "malloc_trim")):
@@ -56,7 +63,7 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
-def user_chose_settings(environ: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
+def user_chose_settings(environ: Mapping[str, str] = os.environ) -> str | None:
     """The environment variable by which the user set malloc's behaviour, or None."""
     if environ.get(OPT_OUT_ENV, "").strip() == "0":
         return OPT_OUT_ENV
@@ -70,13 +77,7 @@ def user_chose_settings(environ: dict[str, str] | os._Environ[str] = os.environ)
 
 def configure(mmap_threshold: int, trim_threshold: int) -> bool:
     """Set glibc's mmap and trim thresholds (bytes); False where the C library is not glibc
-    or it refused a value. Process-wide: every later allocation of every thread follows them.
-
-    Heap blocks come from the heap only while it finds a free hole that fits: torch aligns
-    its blocks, so a freed block is a little too small for the next one of the same size, and
-    the heap settles after a few rounds of a repeating pattern (three 64 MiB tensors in turn:
-    +128 MiB, then no growth and no page faults).
-    """
+    or it refused a value. Process-wide: every later allocation of every thread follows them."""
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
         if not 0 < value < 1 << 31:  # mallopt takes a C int; glibc would read a negative one as huge
             raise ValueError(f"{name} must be in [1, 2**31 - 1] bytes, got {value}")

@@ -316,6 +316,7 @@ class FeatureExtractor(nn.Module):
         if fuse:
             self._fuse()
         self._channels: dict[str, int] | None = None
+        allocator.release_free_memory()  # the state dict and unfused modules just freed (fedpatch.allocator)
 
     def _fuse(self) -> None:
         """Fold every stage's BatchNorms into its convolutions, each stage checked on a probe image."""
