@@ -5,27 +5,27 @@ on the fly up to 32 MiB) with a fresh ``mmap`` and unmaps it again on ``free``. 
 layer outputs on big images are tens of megabytes each, so every forward pass asked the kernel
 for hundreds of megabytes of new zeroed pages and returned them right after. On 2 CPU cores
 (``python -m benchmarks.allocator_bench``, ``benchmarks/results/allocator.md``), one 1000x750
-image cost efficientnet_lite0's forward pass 49,700 page faults and 0.165 s, against none and
-0.066 s with the settings below (2.5x); WideResNet-50-2's 129,000 faults and 1.01 s against
-0.84 s (1.2x); batches of eight 256x256 images ran 1.8x (lite0) and 1.2x (WRN) faster.
+image cost efficientnet_lite0's forward pass 65,800 page faults and 0.128 s, against none and
+0.062 s with the settings below (2.1x); WideResNet-50-2's 117,900 faults and 0.92 s against
+0.70 s (1.3x); batches of eight 256x256 images ran 2.0x (lite0) and 1.19x (WRN) faster.
 PatchCore's prediction, whose search and post-processing make large temporaries too, scored
-1.2-1.66x as many images per second.
+1.19-1.66x as many images per second.
 
 What: blocks below ``MMAP_THRESHOLD`` (256 MiB) come from the heap, and the heap keeps up to
 ``TRIM_THRESHOLD`` (1 GiB) of freed memory at its top instead of handing it back, so the next
 layer and the next image reuse pages that are already mapped. Blocks of 256 MiB or more (a
 large bank, for one) are still mapped and unmapped on their own. The cost is resident memory
-that stays allocated between batches: +191 MiB peak RSS for WideResNet-50-2 at 1000x750,
-within 12 MiB either way on the other three configurations. (A freed block is reused only by a
+that stays allocated between batches: +171 MiB peak RSS for WideResNet-50-2 at 1000x750,
++97 MiB at 256x256, within 4 MiB either way for efficientnet_lite0. (A freed block is reused only by a
 request that fits in it, and torch aligns its blocks, so a repeating pattern of allocations
 grows the heap a little before it settles: three 64 MiB tensors in turn took +128 MiB, then
 neither growth nor page faults.) ``release_free_memory`` hands the retained memory back:
 ``FeatureExtractor`` calls it once built, ``PatchCore.fit`` after each coreset chunk it
-reduces and when it ends. Without those calls a 300-image WRN-shaped fit at 1000x750
-(``benchmarks.fit_memory``) peaked at 3,870 MiB instead of 3,371 (4,554 instead of 3,646
-with the bank grown by doubling); with them its working memory above the bank is what it was
-under glibc's defaults. Prediction keeps the memory, so that a caller scoring one image per
-call does not pay the page faults again on every call.
+reduces and when it ends. ``benchmarks.fit_memory``'s 300-image fit at 1000x750 with
+WRN-shaped random features peaked at 3,870 MiB without those calls, 3,446 with them and
+3,371 under glibc's defaults; through the real WideResNet, 3,688 / 3,618 / 3,339 MiB (the
+backbone's freed activations are kept between chunks). Prediction keeps the memory, so that a
+caller scoring one image per call does not pay the page faults again on every call.
 
 ``import fedpatch`` applies the settings once (``tune``), except where the user chose malloc
 settings of their own (any ``MALLOC_*`` variable or a ``glibc.malloc`` tunable in the
