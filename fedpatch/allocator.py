@@ -16,16 +16,18 @@ What: blocks below ``MMAP_THRESHOLD`` (256 MiB) come from the heap, and the heap
 layer and the next image reuse pages that are already mapped. Blocks of 256 MiB or more (a
 large bank, for one) are still mapped and unmapped on their own. The cost is resident memory
 that stays allocated between batches: +171 MiB peak RSS for WideResNet-50-2 at 1000x750,
-+97 MiB at 256x256, within 4 MiB either way for efficientnet_lite0. (A freed block is reused only by a
-request that fits in it, and torch aligns its blocks, so a repeating pattern of allocations
-grows the heap a little before it settles: a 64 MiB tensor made and freed over and over was
-faulted in afresh 3 to 7 times, then never again.) ``release_free_memory`` hands the retained memory back:
-``FeatureExtractor`` calls it once built, ``PatchCore.fit`` after each coreset chunk it
-reduces and when it ends. ``benchmarks.fit_memory``'s 300-image fit at 1000x750 with
-WRN-shaped random features peaked at 3,870 MiB without those calls, 3,446 with them and
-3,371 under glibc's defaults; through the real WideResNet, 3,688 / 3,618 / 3,339 MiB (the
-backbone's freed activations are kept between chunks). Prediction keeps the memory, so that a
-caller scoring one image per call does not pay the page faults again on every call.
++97 MiB at 256x256, within 4 MiB either way for efficientnet_lite0. (A freed block is reused
+only by a request that fits in it, and torch aligns its blocks, so a repeating pattern of
+allocations grows the heap a little before it settles: a 64 MiB tensor made and freed over
+and over was faulted in afresh 3 to 7 times, then never again.)
+
+``release_free_memory`` hands the retained memory back: ``FeatureExtractor`` calls it once
+built, ``PatchCore.fit`` after each coreset chunk it reduces and when it ends.
+``benchmarks.fit_memory``'s 300-image fit at 1000x750 with WRN-shaped random features peaked
+at 3,870 MiB without those calls, 3,446 with them and 3,371 under glibc's defaults; through
+the real WideResNet, 3,688 / 3,618 / 3,339 MiB (the backbone's freed activations are kept
+between chunks). Prediction keeps the memory, so that a caller scoring one image per call
+does not pay the page faults again on every call.
 
 ``import fedpatch`` applies the settings once (``tune``), except where the user chose malloc
 settings of their own (any ``MALLOC_*`` variable or a ``glibc.malloc`` tunable in the
