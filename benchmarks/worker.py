@@ -35,10 +35,18 @@ from benchmarks.procmem import RssMonitor, lifetime_peak_mb
 from fedpatch import allocator
 
 GREEDY_MALLOC = (1 << 20, 128 << 10)
-"""glibc thresholds (mmap, trim) while anomalib's KCenterGreedy runs: with heap-kept
-temporaries (glibc's dynamic threshold, and fedpatch's own setting alike) its RSS grew by
-~12 MB per pick (9 GB after ~700 picks on 20,480 patches); with a fixed 1 MiB threshold, as
-``MALLOC_MMAP_THRESHOLD_=1048576`` gives, it stays flat."""
+"""glibc thresholds (mmap, trim) while anomalib's KCenterGreedy runs: a fixed 1 MiB mmap
+threshold, as ``MALLOC_MMAP_THRESHOLD_=1048576`` gives. Its per-pick N x d temporaries then
+get fresh mappings, which is stable but costs page faults. With them kept on the heap it is
+fast when it works and unstable: on 2026-11-23, under a fixed 32 MiB threshold (the ceiling of
+glibc's dynamic one) a 20,480 x 448 selection took 2.3 s alone, but inside the benchmarks it
+ran past the 16 GiB address-space cap of ``coreset_bench`` and the 9 GB cap of a main-suite
+worker (lite0 400x400); under fedpatch's 256 MiB threshold a 71,680-row selection reached
+15 GB in 262 picks. Under this 1 MiB setting the same 20,480 x 448 selection took 17-22 s
+that day (10 million page faults) against 3.9 s in the run of ``results/coreset.md``: the
+page faults' cost moves with the machine's state, and so do the coreset ratios on the
+20,480-row sets. The 71,680-row reference set is not affected: its 79 MB temporaries are
+above glibc's own ceiling, so they are mapped afresh under its defaults too."""
 
 
 @contextmanager
