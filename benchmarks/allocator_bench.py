@@ -70,7 +70,7 @@ def child(backbone: str, size: tuple[int, int], batch: int) -> dict[str, Any]:
         passes.append(time.perf_counter() - start)
     predict_ips = 8 / min(passes)
     return {
-        "tuned": allocator.tune(),
+        "tuned": allocator.enabled(),
         "forward_s": statistics.median(times),
         "faults_per_forward": statistics.median(faults),
         "predict_ips": predict_ips,

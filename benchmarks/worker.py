@@ -51,14 +51,14 @@ above glibc's own ceiling, so they are mapped afresh under its defaults too."""
 
 @contextmanager
 def greedy_allocator() -> Iterator[None]:
-    """Run anomalib's greedy selection under ``GREEDY_MALLOC``; the process's settings
-    (fedpatch's, ``fedpatch.allocator``) come back afterwards."""
+    """Run anomalib's greedy selection under ``GREEDY_MALLOC``; the settings fedpatch keeps
+    outside its own calls (``fedpatch.allocator``) come back afterwards."""
     allocator.configure(*GREEDY_MALLOC)
     try:
         yield
     finally:
-        if allocator.tune():
-            allocator.configure(allocator.MMAP_THRESHOLD, allocator.TRIM_THRESHOLD)
+        if allocator.enabled():
+            allocator.configure(allocator.OUTSIDE_MMAP_THRESHOLD, allocator.TRIM_THRESHOLD)
 
 
 @dataclass

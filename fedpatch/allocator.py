@@ -29,10 +29,20 @@ the real WideResNet, 3,688 / 3,618 / 3,339 MiB (the backbone's freed activations
 between chunks). Prediction keeps the memory, so that a caller scoring one image per call
 does not pay the page faults again on every call.
 
-``import fedpatch`` applies the settings once (``tune``), except where the user chose malloc
-settings of their own (any ``MALLOC_*`` variable or a ``glibc.malloc`` tunable in the
-environment) or set ``FEDPATCH_MALLOC_TUNING=0``; on other C libraries and systems it does
-nothing.
+The settings hold only inside fedpatch's own work (``tuned``: the backbone's forward pass,
+``PatchCore.fit``, each batch of a prediction), not process-wide: other code in the process
+(a caller's loop between two predicted batches, another library) runs under glibc's usual
+behaviour. That matters because heap-kept temporaries can grow the heap without bound in
+some allocation patterns: anomalib's KCenterGreedy, run in a process where these settings
+were global, reached 15 GB in 262 picks. Outside the scope the mmap threshold is a fixed
+``OUTSIDE_MMAP_THRESHOLD`` (32 MiB, the ceiling glibc's own dynamic threshold climbs to; the
+dynamic mode cannot be switched back on once ``mallopt`` was called), and the trim threshold
+stays at ``TRIM_THRESHOLD``, so that memory kept between two batches is not handed back by
+a caller's ``free`` in between. Nothing changes before fedpatch's first call.
+
+The settings are skipped where the user chose malloc settings of their own (any ``MALLOC_*``
+variable or a ``glibc.malloc`` tunable in the environment) or set
+``FEDPATCH_MALLOC_TUNING=0``; on other C libraries and systems ``tuned`` does nothing.
 """
 
 from __future__ import annotations
@@ -40,11 +50,14 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import lru_cache
 
 MMAP_THRESHOLD = 256 << 20
 TRIM_THRESHOLD = 1 << 30
+OUTSIDE_MMAP_THRESHOLD = 32 << 20
 OPT_OUT_ENV = "FEDPATCH_MALLOC_TUNING"
 # mallopt parameter numbers (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -91,16 +104,35 @@ def configure(mmap_threshold: int, trim_threshold: int) -> bool:
     return bool(mmap_ok and trim_ok)
 
 
-_TUNED = False
+def enabled() -> bool:
+    """Whether ``tuned`` applies fedpatch's settings in this process (glibc, and no settings of
+    the user's own)."""
+    return _glibc() is not None and user_chose_settings() is None
 
 
-def tune() -> bool:
-    """Apply fedpatch's settings once per process, unless the user chose their own (see the
-    module docstring). True when they are in effect."""
-    global _TUNED
-    if not _TUNED and user_chose_settings() is None:
-        _TUNED = configure(MMAP_THRESHOLD, TRIM_THRESHOLD)
-    return _TUNED
+_LOCK = threading.Lock()
+_depth = 0
+
+
+@contextmanager
+def tuned() -> Iterator[bool]:
+    """fedpatch's settings for the duration of the block; yields whether they are in effect.
+
+    Blocks nest and may run on several threads: the settings hold while any block is open,
+    and the outside ones (module docstring) come back when the last one closes."""
+    global _depth
+    with _LOCK:
+        active = enabled()
+        if active and _depth == 0:
+            configure(MMAP_THRESHOLD, TRIM_THRESHOLD)
+        _depth += 1
+    try:
+        yield active
+    finally:
+        with _LOCK:
+            _depth -= 1
+            if active and _depth == 0:
+                configure(OUTSIDE_MMAP_THRESHOLD, TRIM_THRESHOLD)
 
 
 def release_free_memory() -> None:

@@ -49,10 +49,6 @@ from fedpatch import allocator
 from fedpatch.errors import ModelFileError, WeightsUnavailableError
 from fedpatch.fusion import fold_batchnorm
 
-# Freed layer outputs stay mapped for the next layer and image (fedpatch.allocator): 1.2-2.1x
-# faster forward passes on big images.
-allocator.tune()
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TF_LITE_MEAN = (0.5, 0.5, 0.5)
@@ -351,15 +347,18 @@ class FeatureExtractor(nn.Module):
         """Images [B, 3, H, W] in [0, 1] -> {layer name: feature map [B, C, h, w]}."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
-        x = self.normalize(images)
-        if self.fused and not x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        outputs: dict[str, torch.Tensor] = {}
-        with _full_fp32_convolutions(x.is_cuda):
-            for name, stage in zip(self.stage_names, self.stages):
-                x = stage(x)
-                if name in self.layers:
-                    outputs[name] = x
+        # freed layer outputs stay mapped for the next layer and image (fedpatch.allocator):
+        # 1.2-2.1x faster forward passes on big images
+        with allocator.tuned():
+            x = self.normalize(images)
+            if self.fused and not x.is_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            outputs: dict[str, torch.Tensor] = {}
+            with _full_fp32_convolutions(x.is_cuda):
+                for name, stage in zip(self.stage_names, self.stages):
+                    x = stage(x)
+                    if name in self.layers:
+                        outputs[name] = x
         return {layer: outputs[layer] for layer in self.layers}
 
     def layer_channels(self) -> dict[str, int]:

@@ -280,6 +280,10 @@ class PatchCore:
     # ------------------------------------------------------------------ fit
     def fit(self, data: Iterable[Any]) -> PatchCore:
         """Build the memory bank from nominal images (streaming; see module docstring)."""
+        with allocator.tuned():  # fedpatch's malloc settings for the whole fit (fedpatch.allocator)
+            return self._fit(data)
+
+    def _fit(self, data: Iterable[Any]) -> PatchCore:
         cfg = self.config
         show_picks = self.progress and cfg.coreset_method == "greedy"
         picks = tqdm(desc="coreset: greedy picks", unit="pick", disable=not show_picks, dynamic_ncols=True)
@@ -351,6 +355,10 @@ class PatchCore:
                 bar.update(batch.shape[0])
 
     def _predict_batch(self, batch: torch.Tensor, bank: MemoryBank) -> list[Prediction]:
+        with allocator.tuned():  # per batch: the caller's code between batches runs outside (fedpatch.allocator)
+            return self._score_batch(batch, bank)
+
+    def _score_batch(self, batch: torch.Tensor, bank: MemoryBank) -> list[Prediction]:
         features = self.embed(batch)
         b, d, h, w = features.shape
         patches = extract_patch_features(features).float()

@@ -15,28 +15,37 @@ from fedpatch import PatchCore, allocator
 REPO = Path(__file__).resolve().parents[1]
 
 # 64 MiB tensors allocated, filled and freed in turn (as a backbone's layer outputs are): how
-# many pages do three of them fault in once the heap has settled? (torch aligns each block, so
-# glibc takes a few rounds to find a hole that fits: 3 to 7 in repeated runs; the test leaves
-# it twelve.)
+# many pages do three of them fault in, before fedpatch's first call and inside its settings
+# once the heap has settled? (torch aligns each block, so glibc takes a few rounds to find a
+# hole that fits: 3 to 7 in repeated runs; the test leaves it twelve.) After the scope, blocks
+# that fit the memory it kept still reuse it (glibc serves a request from free heap memory
+# before it maps), but a larger one (200 MiB) gets a mapping of its own each time instead of
+# growing the heap.
 PROBE = """
 import resource, torch
 from fedpatch import allocator
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(12):
-    torch.empty(64 << 18).fill_(1.0)
-before = faults()
-for _ in range(3):
-    torch.empty(64 << 18).fill_(1.0)
-print(allocator.tune(), faults() - before)
+def three(mib=64):
+    before = faults()
+    for _ in range(3):
+        torch.empty(mib << 18).fill_(1.0)
+    return faults() - before
+untouched = three()
+with allocator.tuned() as active:
+    for _ in range(12):
+        torch.empty(64 << 18).fill_(1.0)
+    inside = three()
+after = three(200)
+print(active, untouched, inside, after)
 """
 PAGES_3X64_MIB = 3 * (64 << 20) // os.sysconf("SC_PAGE_SIZE")
 
 
-def _probe(**env: str) -> tuple[bool, int]:
+def _probe(**env: str) -> tuple[bool, int, int, int]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != allocator.OPT_OUT_ENV}
     out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env, "PYTHONPATH": str(REPO)},
                          capture_output=True, text=True, check=True).stdout.split()
-    return out[0] == "True", int(out[1])
+    return out[0] == "True", int(out[1]), int(out[2]), int(out[3])
 
 
 def test_this_platform_is_glibc() -> None:
@@ -44,17 +53,48 @@ def test_this_platform_is_glibc() -> None:
     assert sys.platform.startswith("linux") and allocator._glibc() is not None
 
 
-def test_import_tunes_malloc_so_a_freed_block_is_reused_without_page_faults() -> None:
-    tuned, faults = _probe()
-    assert tuned
-    assert faults < PAGES_3X64_MIB // 20  # the freed blocks' pages are still mapped
+def test_freed_blocks_are_reused_inside_fedpatchs_calls_only() -> None:
+    active, untouched, inside, after = _probe()
+    assert active
+    assert untouched >= PAGES_3X64_MIB * 0.9  # importing fedpatch changed nothing: fresh mappings
+    assert inside < PAGES_3X64_MIB // 20  # the freed blocks' pages are still mapped
+    assert after >= PAGES_3X64_MIB * 200 / 64 * 0.9  # outside: a block above 32 MiB that fits no kept
+    # memory is mapped afresh, as under glibc's defaults, instead of growing the heap
 
 
 def test_opt_out_and_user_settings_keep_glibcs_behaviour() -> None:
     for env in ({allocator.OPT_OUT_ENV: "0"}, {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}):
-        tuned, faults = _probe(**env)
-        assert not tuned, env
-        assert faults >= PAGES_3X64_MIB * 0.9, env  # fresh mappings: every page faults in again
+        active, _, inside, _ = _probe(**env)
+        assert not active, env
+        assert inside >= PAGES_3X64_MIB * 0.9, env  # fresh mappings: every page faults in again
+
+
+def test_nested_and_concurrent_scopes_switch_the_settings_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(allocator, "configure", lambda mmap, trim: calls.append(mmap) or True)
+    monkeypatch.setattr(allocator, "user_chose_settings", lambda environ=None: None)
+    with allocator.tuned() as outer:
+        with allocator.tuned() as inner:
+            assert calls == [allocator.MMAP_THRESHOLD]
+        assert calls == [allocator.MMAP_THRESHOLD]  # the outer scope still holds them
+    assert outer and inner
+    assert calls == [allocator.MMAP_THRESHOLD, allocator.OUTSIDE_MMAP_THRESHOLD]
+    monkeypatch.setattr(allocator, "user_chose_settings", lambda environ=None: allocator.OPT_OUT_ENV)
+    with allocator.tuned() as active:
+        assert not active
+    assert len(calls) == 2  # opted out: nothing set
+
+
+def test_model_calls_run_inside_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fit and each predicted batch hold the settings; the caller's code between batches does not."""
+    model = PatchCore("resnet18", pretrained=False, device="cpu", batch_size=1)
+    seen: list[int] = []
+    real_embed = model.embed
+    monkeypatch.setattr(model, "embed", lambda images: seen.append(allocator._depth) or real_embed(images))
+    model.fit([torch.rand(3, 32, 32) for _ in range(2)])
+    between = [allocator._depth for _ in model.iter_predictions([torch.rand(3, 32, 32) for _ in range(2)])]
+    assert seen and all(depth >= 1 for depth in seen)
+    assert between == [0, 0] and allocator._depth == 0
 
 
 @pytest.mark.parametrize(
