@@ -5,21 +5,24 @@ on the fly up to 32 MiB) with a fresh ``mmap`` and unmaps it again on ``free``. 
 layer outputs on big images are tens of megabytes each, so every forward pass asked the kernel
 for hundreds of megabytes of new zeroed pages and returned them right after. On 2 CPU cores
 (``python -m benchmarks.allocator_bench``, ``benchmarks/results/allocator.md``), one 1000x750
-image cost efficientnet_lite0's forward pass 65,800 page faults and 0.128 s, against none and
-0.062 s with the settings below (2.1x); WideResNet-50-2's 117,900 faults and 0.92 s against
-0.70 s (1.3x); batches of eight 256x256 images ran 2.0x (lite0) and 1.19x (WRN) faster.
+image cost efficientnet_lite0's forward pass 49,800 page faults and 0.116 s, against none and
+0.064 s with the settings below (1.8x); WideResNet-50-2's 129,100 faults and 0.83 s against
+0.67 s (1.25x); batches of eight 256x256 images ran 2.3x (lite0) and 1.19x (WRN) faster.
 PatchCore's prediction, whose search and post-processing make large temporaries too, scored
-1.19-1.66x as many images per second.
+1.14-1.67x as many images per second on three of the configurations. The fourth, WRN at
+256x256, read 0.875x in that run, which is noise: in one process, alternating, it scored
+15.3-15.6 img/s under these settings and 15.6 with them held for the whole run.
 
 What: blocks below ``MMAP_THRESHOLD`` (256 MiB) come from the heap, and the heap keeps up to
 ``TRIM_THRESHOLD`` (1 GiB) of freed memory at its top instead of handing it back, so the next
 layer and the next image reuse pages that are already mapped. Blocks of 256 MiB or more (a
 large bank, for one) are still mapped and unmapped on their own. The cost is resident memory
-that stays allocated between batches: +171 MiB peak RSS for WideResNet-50-2 at 1000x750,
-+97 MiB at 256x256, within 4 MiB either way for efficientnet_lite0. (A freed block is reused
-only by a request that fits in it, and torch aligns its blocks, so a repeating pattern of
-allocations grows the heap a little before it settles: a 64 MiB tensor made and freed over
-and over was faulted in afresh 3 to 7 times, then never again.)
+that stays allocated between batches: +72 MiB peak RSS for WideResNet-50-2 at 1000x750,
++27 MiB at 256x256, within 12 MiB either way for efficientnet_lite0 (+171 / +97 / 4 MiB in
+the run before). (A freed block is reused only by a request that fits in it, and torch
+aligns its blocks, so a repeating pattern of allocations grows the heap a little before it
+settles: a 64 MiB tensor made and freed over and over was faulted in afresh 3 to 7 times,
+then never again.)
 
 ``release_free_memory`` hands the retained memory back: ``FeatureExtractor`` calls it once
 built, ``PatchCore.fit`` after each coreset chunk it reduces and when it ends.

@@ -348,7 +348,7 @@ class FeatureExtractor(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
         # freed layer outputs stay mapped for the next layer and image (fedpatch.allocator):
-        # 1.2-2.1x faster forward passes on big images
+        # 1.19-2.3x faster forward passes (benchmarks.allocator_bench)
         with allocator.tuned():
             x = self.normalize(images)
             if self.fused and not x.is_cuda:

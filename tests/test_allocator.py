@@ -69,7 +69,7 @@ def test_opt_out_and_user_settings_keep_glibcs_behaviour() -> None:
         assert inside >= PAGES_3X64_MIB * 0.9, env  # fresh mappings: every page faults in again
 
 
-def test_nested_and_concurrent_scopes_switch_the_settings_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nested_scopes_switch_the_settings_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     monkeypatch.setattr(allocator, "configure", lambda mmap, trim: calls.append(mmap) or True)
     monkeypatch.setattr(allocator, "user_chose_settings", lambda environ=None: None)
