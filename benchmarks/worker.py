@@ -57,8 +57,7 @@ def greedy_allocator() -> Iterator[None]:
     try:
         yield
     finally:
-        if allocator.enabled():
-            allocator.configure(allocator.OUTSIDE_MMAP_THRESHOLD, allocator.TRIM_THRESHOLD)
+        allocator.restore_outside()
 
 
 @dataclass

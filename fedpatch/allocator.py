@@ -113,8 +113,21 @@ def enabled() -> bool:
     return _glibc() is not None and user_chose_settings() is None
 
 
+def _configure_outside() -> bool:
+    return configure(OUTSIDE_MMAP_THRESHOLD, TRIM_THRESHOLD)
+
+
+def restore_outside() -> None:
+    """Put back the settings fedpatch keeps outside its own calls (module docstring), where
+    ``enabled``: for code that changed them with ``configure`` in between."""
+    if enabled():
+        _configure_outside()
+
+
 _LOCK = threading.Lock()
 _depth = 0
+_applies = False  # whether the outermost open block found the settings enabled
+_active = False  # and glibc took them
 
 
 @contextmanager
@@ -122,20 +135,24 @@ def tuned() -> Iterator[bool]:
     """fedpatch's settings for the duration of the block; yields whether they are in effect.
 
     Blocks nest and may run on several threads: the settings hold while any block is open,
-    and the outside ones (module docstring) come back when the last one closes."""
-    global _depth
+    and the outside ones (module docstring) come back when the last one closes. Only the
+    outermost block reads the environment and calls ``mallopt``; the blocks inside it (every
+    forward pass of a fit, for one) share its outcome. False where ``enabled`` is False or
+    glibc refused a value."""
+    global _depth, _applies, _active
     with _LOCK:
-        active = enabled()
-        if active and _depth == 0:
-            configure(MMAP_THRESHOLD, TRIM_THRESHOLD)
+        if _depth == 0:
+            _applies = enabled()
+            _active = _applies and configure(MMAP_THRESHOLD, TRIM_THRESHOLD)
         _depth += 1
+        active = _active
     try:
         yield active
     finally:
         with _LOCK:
             _depth -= 1
-            if active and _depth == 0:
-                configure(OUTSIDE_MMAP_THRESHOLD, TRIM_THRESHOLD)
+            if _depth == 0 and _applies:
+                _configure_outside()
 
 
 def release_free_memory() -> None:

@@ -85,6 +85,22 @@ def test_nested_scopes_switch_the_settings_once(monkeypatch: pytest.MonkeyPatch)
     assert len(calls) == 2  # opted out: nothing set
 
 
+def test_inner_scopes_reuse_the_outer_scopes_outcome(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment is read once per outermost scope, and a value glibc refuses reads False."""
+    reads: list[int] = []
+    monkeypatch.setattr(allocator, "user_chose_settings", lambda environ=None: reads.append(1) and None)
+    monkeypatch.setattr(allocator, "configure", lambda mmap, trim: mmap != allocator.MMAP_THRESHOLD)
+    with allocator.tuned() as outer:
+        with allocator.tuned() as inner, allocator.tuned() as innermost:
+            pass
+    assert (outer, inner, innermost) == (False, False, False)  # glibc refused the inside threshold
+    assert len(reads) == 1
+    calls: list[int] = []
+    monkeypatch.setattr(allocator, "configure", lambda mmap, trim: calls.append(mmap) or True)
+    allocator.restore_outside()
+    assert calls == [allocator.OUTSIDE_MMAP_THRESHOLD] and len(reads) == 2
+
+
 def test_model_calls_run_inside_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """fit and each predicted batch hold the settings; the caller's code between batches does not."""
     model = PatchCore("resnet18", pretrained=False, device="cpu", batch_size=1)
