@@ -7,25 +7,33 @@ inequality, recomputes only the distances that can shrink. As in the PatchCore p
 runs on a seeded Gaussian random projection of the features (``projection_dim``,
 Johnson-Lindenstrauss) when that at least halves their dimension, while the rows returned are
 the original full-dimensional features. ``projection_dim=None`` selects exactly: a smaller
-coverage radius (the 128-d projection's was 1.09-1.13x the exact one on 448-d and 1536-d
-features), at a cost that depends on the features: 1.2x the projected selection's time on
-344-d efficientnet_lite0 stages, 7.6x on 1536-d WideResNet features of noise images
-(3.4 s against 0.45 s per 16,384-patch chunk).
+coverage radius, at a cost that depends on the features. Streamed as ``fit`` does it (2 cores,
+radius against exact one-shot greedy): 20,480 x 448 efficientnet_lite0 stages 1.001 exact vs
+1.123 projected, 0.84-1.07 s vs 0.92-0.93 s; 20,480 x 1536 WideResNet (random weights) features
+of magnetic tiles 1.051 vs 1.134, 1.15-1.26 s vs 1.05-1.58 s; 70,500 x 1536 of six 1000x750
+generated images 1.123 vs 1.281, 3.96-4.31 s vs 3.48-3.90 s. But on WideResNet features of
+1000x750 noise images exact selection took 5-6x as long (3.0-3.3 s against 0.57 s per
+16,384-row chunk: the distance bounds rule out little, ``fedpatch.kcenter``), and that
+worst case is why the default projects.
 
 Streaming: ``StreamingCoreset`` never holds all the patches of a training set. Patches arrive
-in batches and are buffered up to ``chunk_size`` rows; each full chunk is reduced to its own
-greedy coreset of ``ceil(ratio * rows)`` rows and the buffer is freed. The memory bank is the
-union of the chunk coresets, so the only memory that grows with the number of training images
-is the bank itself (``ratio`` of the patches). When everything fits in one chunk the result is
-exactly the one-shot greedy coreset. The coverage radius of the union is the largest radius
-among the chunks; ``coverage_radius`` measures it so the scheme can be compared with the
-one-shot greedy (see tests and benchmarks).
+in batches and are buffered up to ``chunk_size`` rows; each full chunk runs its own greedy
+traversal, a little past its share of ``ceil(ratio * rows)`` picks (``OVERSELECT``), and the
+buffer is freed. The memory bank keeps, of all the chunks' picks, those farthest from their
+chunk's earlier picks: a prefix of each chunk's traversal, longer for the chunks that are harder
+to cover. So the only memory that grows with the number of training images is the bank itself
+(``ratio`` of the patches). When everything fits in one chunk the result is exactly the one-shot
+greedy coreset. The coverage radius of the union is at most the largest radius among the
+chunks' kept prefixes, which this choice minimises; ``coverage_radius`` measures it so the
+scheme can be compared with the one-shot greedy (see tests and benchmarks).
 
-The chunk coresets are copied into one bank array as they are made. When the caller says how
-many patches to expect (``reserve``; ``PatchCore.fit`` does once it knows the image count and
-the patches per image), that array is allocated once at its final size, so ``finalize`` hands
-it out without the concatenation that would hold the bank twice (2.1 GB each for 300
-WideResNet images at 1000x750). Without a reservation, or past it, the array grows by doubling.
+The chunks' picks are copied into one bank array as they are made, into the slots of picks
+that can no longer be kept. When the caller says how many patches to expect (``reserve``;
+``PatchCore.fit`` does once it knows the image count and the patches per image), that array is
+allocated once at its final size, so ``finalize`` hands it out without the concatenation that
+would hold the bank twice (2.1 GB each for 300 WideResNet images at 1000x750), and all chunks'
+picks compete for it. Without a reservation, or past it, the array grows by doubling and each
+chunk competes with those before it only.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import warnings
 import numpy as np
 import torch
 
-from fedpatch.kcenter import PickProgress, greedy_kcenter_indices
+from fedpatch.kcenter import PickProgress, greedy_kcenter
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -88,6 +96,26 @@ def project(features: torch.Tensor, projection_dim: int | None, seed: int) -> to
     return features @ random_projection(features.shape[1], projection_dim, seed, features.device)
 
 
+def greedy_coreset_picks(
+    features: ArrayLike,
+    target_size: int,
+    seed: int = 42,
+    projection_dim: int | None = 128,
+    *,
+    progress: PickProgress | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy k-center picks (first pick drawn from ``seed``) in order, with each pick's squared
+    distance to the earlier picks in the selection space (``inf`` for the first; see
+    ``fedpatch.kcenter.greedy_kcenter``)."""
+    tensor = _as_float_tensor(features)
+    _check_target(target_size, tensor.shape[0])
+    start = int(np.random.default_rng(seed).integers(tensor.shape[0]))
+    with torch.no_grad():
+        points = project(tensor, projection_dim, seed)
+        picked, gaps = greedy_kcenter(points, int(target_size), start, progress)
+    return picked.cpu().numpy(), gaps.cpu().double().numpy()
+
+
 def greedy_coreset_indices(
     features: ArrayLike,
     target_size: int,
@@ -97,12 +125,7 @@ def greedy_coreset_indices(
     progress: PickProgress | None = None,
 ) -> np.ndarray:
     """Indices of the greedy k-center coreset (first pick drawn from ``seed``), in pick order."""
-    tensor = _as_float_tensor(features)
-    _check_target(target_size, tensor.shape[0])
-    start = int(np.random.default_rng(seed).integers(tensor.shape[0]))
-    with torch.no_grad():
-        points = project(tensor, projection_dim, seed)
-        return greedy_kcenter_indices(points, int(target_size), start, progress).cpu().numpy()
+    return greedy_coreset_picks(features, target_size, seed, projection_dim, progress=progress)[0]
 
 
 def greedy_coreset_selection(
@@ -155,14 +178,40 @@ def coverage_radius(features: np.ndarray, selected: np.ndarray) -> float:
     return float(distances.max())
 
 
+OVERSELECT = 1.25
+"""Each chunk's greedy traversal runs this many times its share of picks; the bank keeps, across
+chunks, the picks that were farthest from their chunk's earlier picks (``StreamingCoreset``).
+Coverage radius of the streamed bank against exact one-shot greedy, same size, 16,384-row chunks,
+exact selection, measured on 2 cores: 71,680 x 152 efficientnet_lite0 magnetic-tile features
+1.036 (fixed shares) -> 1.008 (1.1 and 1.25); 20,480 x 448 lite0 stages 1.081 -> 1.036 (1.1),
+1.001 (1.25); 20,480 x 1536 WideResNet (random weights) 1.130 -> 1.083 (1.1), 1.051 (1.25);
+70,500 x 1536 WideResNet on six 1000x750 images 1.229 -> 1.159 (1.1), 1.123 (1.25); 1.5 and 2
+gained nothing more. On a 128-d projection the full-dimension radius moved less (1.147 -> 1.134,
+1.349 -> 1.281 on the two WideResNet sets): there the projection's own error dominates."""
+
+
 class StreamingCoreset:
     """Bounded-memory greedy (or random) coreset over a stream of patch batches.
+
+    Patches are buffered up to ``chunk_size`` rows; each full chunk runs its own greedy
+    traversal for ``OVERSELECT`` times its share (``ceil(ratio * rows)``) of picks and the buffer
+    is freed. The bank keeps ``bank_rows(patches)`` of those picks in all: those with the largest
+    pick distance (each pick's distance to its chunk's earlier picks), which, since a
+    traversal's pick distances never increase, is a prefix of every chunk's traversal and gives
+    more picks to the chunks that are harder to cover. With fixed shares the coverage radius of
+    the union is the largest chunk radius, set by the sparsest chunk; this allocation lowers it
+    toward the one-shot greedy's (``OVERSELECT``'s measurements). Picks are dropped as soon as
+    they cannot be kept: the bank never holds more than its final number of rows (the
+    reservation, or the rows owed so far) plus one chunk's picks. With a reservation the result
+    is the best choice among all the chunks' picks; without one, each merge keeps the best of
+    what has arrived, and later chunks may find the earlier ones' spare picks gone. A single
+    chunk gives exactly the one-shot greedy coreset.
 
     Args:
         ratio: fraction of the patches kept, in (0, 1].
         chunk_size: rows buffered before a chunk is reduced; bounds the working memory to
-            ``chunk_size * D`` floats plus the growing bank.
-        method: ``"greedy"`` or ``"random"``.
+            ``chunk_size * D`` floats plus the bank.
+        method: ``"greedy"`` or ``"random"`` (random: each chunk keeps its own share, no merge).
         projection_dim: projection used by the greedy selection (``None``: full dimension).
         seed: seeds the projection and first picks; chunk ``i`` uses ``seed + i``.
         progress: called as ``progress(picked, target)`` during each chunk's greedy selection.
@@ -196,31 +245,53 @@ class StreamingCoreset:
         self._buffer: list[torch.Tensor] = []
         self._buffered = 0
         self._bank: np.ndarray | None = None
+        self._gaps = np.empty(0)  # per bank row: its pick distance (inf: always kept)
+        self._order = np.empty(0, dtype=np.int64)  # per bank row: arrival order, breaks ties
         self._rows = 0
+        self._arrived = 0
         self._reserved = 0
+        self._reduced = 0
         self._chunks = 0
         self.patches_seen = 0
 
     def bank_rows(self, patches: int) -> int:
-        """Rows the bank will hold after ``patches`` patches: one coreset per chunk, as ``add`` cuts them."""
+        """Rows the bank will hold after ``patches`` patches: a share per chunk, as ``add`` cuts them."""
         full, rest = divmod(patches, self.chunk_size)
         return full * coreset_size(self.chunk_size, self.ratio) + (coreset_size(rest, self.ratio) if rest else 0)
 
     def reserve(self, patches: int) -> None:
-        """Expect ``patches`` patches in all: the bank is then allocated once at its final size."""
+        """Expect ``patches`` patches in all: the bank is then allocated once at its final size,
+        and the picks of all chunks compete for it (class docstring)."""
         self._reserved = self.bank_rows(patches)
 
-    def _append(self, rows: np.ndarray) -> None:
-        """Copy one chunk's coreset into the bank array, allocating or growing it as needed."""
-        needed = self._rows + rows.shape[0]
-        if self._bank is None or needed > self._bank.shape[0]:
-            capacity = max(needed, self._reserved if self._bank is None else 2 * self._bank.shape[0])
-            grown = np.empty((capacity, rows.shape[1]), dtype=np.float32)
-            if self._bank is not None:
-                grown[: self._rows] = self._bank[: self._rows]
-            self._bank = grown
-        self._bank[self._rows : needed] = rows
-        self._rows = needed
+    def _ensure_capacity(self, rows: int, dim: int) -> None:
+        """Make the bank arrays hold at least ``rows`` rows (the reservation at first, then doubling)."""
+        if self._bank is not None and rows <= self._bank.shape[0]:
+            return
+        capacity = max(rows, self._reserved if self._bank is None else 2 * self._bank.shape[0])
+        grown = np.empty((capacity, dim), dtype=np.float32)
+        gaps, order = np.empty(capacity), np.empty(capacity, dtype=np.int64)
+        if self._bank is not None:
+            grown[: self._rows], gaps[: self._rows], order[: self._rows] = (
+                self._bank[: self._rows], self._gaps[: self._rows], self._order[: self._rows])
+        self._bank, self._gaps, self._order = grown, gaps, order
+
+    def _merge(self, rows: np.ndarray, gaps: np.ndarray) -> None:
+        """Add one chunk's picks; past the rows the bank may hold, keep the farthest picks."""
+        order = np.arange(self._arrived, self._arrived + len(rows))
+        self._arrived += len(rows)
+        limit = max(self._reserved, self.bank_rows(self._reduced))
+        if self._rows + len(rows) <= limit:
+            slots = np.arange(self._rows, self._rows + len(rows))
+        else:
+            keep = _farthest(np.concatenate([self._gaps[: self._rows], gaps]), np.concatenate([self._order[: self._rows], order]), limit)
+            new = np.flatnonzero(keep[self._rows :])
+            slots = np.concatenate([np.flatnonzero(~keep[: self._rows]), np.arange(self._rows, limit)])[: len(new)]
+            rows, gaps, order = rows[new], gaps[new], order[new]
+        self._ensure_capacity(max(self._rows, int(slots.max()) + 1 if len(slots) else 0), rows.shape[1])
+        assert self._bank is not None
+        self._bank[slots], self._gaps[slots], self._order[slots] = rows, gaps, order
+        self._rows = max(self._rows, int(slots.max()) + 1 if len(slots) else 0)
 
     def add(self, features: torch.Tensor) -> None:
         """Buffer a batch of patch features ``[n, D]``; reduce every full chunk."""
@@ -240,15 +311,19 @@ class StreamingCoreset:
     def _reduce_buffer(self) -> None:
         chunk = torch.cat(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
         self._buffer, self._buffered = [], 0
+        self._reduced += chunk.shape[0]
         target = coreset_size(chunk.shape[0], self.ratio)
         seed = self.seed + self._chunks
+        gaps = np.full(target, np.inf)  # a chunk's own share, never dropped
         if self.ratio >= 1.0:
             rows = chunk.numpy()
         elif self.method == "greedy":
-            rows = greedy_coreset_selection(chunk.to(self.device), target, seed=seed, projection_dim=self.projection_dim, progress=self.progress)
+            picks = min(chunk.shape[0], math.ceil(OVERSELECT * target))
+            indices, gaps = greedy_coreset_picks(chunk.to(self.device), picks, seed=seed, projection_dim=self.projection_dim, progress=self.progress)
+            rows = _take_rows(chunk, indices)
         else:
             rows = random_coreset_selection(chunk, target, seed=seed)
-        self._append(rows)
+        self._merge(rows, gaps)
         self._chunks += 1
 
     @property
@@ -257,7 +332,8 @@ class StreamingCoreset:
         return self._chunks
 
     def finalize(self) -> np.ndarray:
-        """Reduce the last partial chunk and return the bank ``[M, D]`` (float32, C-contiguous).
+        """Reduce the last partial chunk and return the bank ``[M, D]`` (float32, C-contiguous),
+        ``M = bank_rows(patches_seen)``.
 
         The result is the bank array itself (no copy); with an over-estimated reservation it is
         a view of its first ``M`` rows, whose unused tail was never written, hence never resident.
@@ -266,4 +342,22 @@ class StreamingCoreset:
             self._reduce_buffer()
         if self._bank is None:
             raise ValueError("no features were added to the coreset")
+        target = self.bank_rows(self._reduced)
+        if self._rows > target:  # a reservation larger than what came: keep the farthest picks, packed in front
+            keep = _farthest(self._gaps[: self._rows], self._order[: self._rows], target)
+            holes, movers = np.flatnonzero(~keep[:target]), np.flatnonzero(keep[target:]) + target
+            self._bank[holes], self._gaps[holes], self._order[holes] = self._bank[movers], self._gaps[movers], self._order[movers]
+            self._rows = target
         return self._bank[: self._rows]
+
+
+def _farthest(gaps: np.ndarray, order: np.ndarray, count: int) -> np.ndarray:
+    """Mask of the ``count`` entries with the largest ``gaps``, ties going to the lower ``order``
+    (so that, within a chunk, the kept picks are a prefix of its traversal). Linear time."""
+    if count >= len(gaps):
+        return np.ones(len(gaps), dtype=bool)
+    cut = np.partition(gaps, len(gaps) - count)[len(gaps) - count]
+    keep = gaps > cut
+    ties = np.flatnonzero(gaps == cut)
+    keep[ties[np.argsort(order[ties], kind="stable")[: count - int(keep.sum())]]] = True
+    return keep

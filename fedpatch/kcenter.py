@@ -175,22 +175,35 @@ class _Pruner:
         return candidates.numel()
 
 
-def greedy_kcenter_indices(
+def greedy_kcenter(
     points: torch.Tensor, target_size: int, start: int, progress: PickProgress | None = None, *, prune: bool = True
-) -> torch.Tensor:
-    """Farthest-point traversal on ``points`` from index ``start``; returns the picked indices in order.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Farthest-point traversal on ``points`` from index ``start``: ``(picked indices in order,
+    squared pick distances)``.
 
+    The pick distance of pick ``i`` is its squared distance to the nearest of picks ``0..i-1``
+    (``inf`` for the first): the coverage radius, squared, of the first ``i`` picks. It never
+    increases along the order, so the first ``p`` picks of a traversal are its best ``p``-point
+    prefix, and ``StreamingCoreset`` compares these distances across chunks.
     ``prune=False`` runs the plain traversal everywhere (the reference the benchmarks time).
     """
     n = points.shape[0]
     sq_norms = (points * points).sum(dim=1)
     min_dist = torch.full((n,), float("inf"), dtype=points.dtype, device=points.device)
     picked = torch.empty(target_size, dtype=torch.long, device=points.device)
+    gaps = torch.full((target_size,), float("inf"), dtype=points.dtype, device=points.device)
     pays = points.shape[1] >= 4 * BOUND_DIM or points.numel() * points.element_size() > PRUNE_MIN_BYTES
     pruner = _Pruner(points, sq_norms, target_size) if prune and pays and points.device.type == "cpu" and target_size > 1 else None
     with _one_thread(points.device):
-        _traverse(points, sq_norms, min_dist, picked, pruner, int(start), progress)
-    return picked
+        _traverse(points, sq_norms, min_dist, picked, gaps, pruner, int(start), progress)
+    return picked, gaps
+
+
+def greedy_kcenter_indices(
+    points: torch.Tensor, target_size: int, start: int, progress: PickProgress | None = None, *, prune: bool = True
+) -> torch.Tensor:
+    """The picked indices of ``greedy_kcenter``, in order."""
+    return greedy_kcenter(points, target_size, start, progress, prune=prune)[0]
 
 
 def _traverse(
@@ -198,11 +211,12 @@ def _traverse(
     sq_norms: torch.Tensor,
     min_dist: torch.Tensor,
     picked: torch.Tensor,
+    gaps: torch.Tensor,
     pruner: _Pruner | None,
     current: int,
     progress: PickProgress | None,
 ) -> None:
-    """The pick loop of ``greedy_kcenter_indices``: fills ``picked`` in order."""
+    """The pick loop of ``greedy_kcenter``: fills ``picked`` in order and ``gaps`` (from pick 1 on)."""
     n, target_size = points.shape[0], picked.shape[0]
     pruning = pruner is not None and pruner.refine  # wide features start pruned, narrow ones plain
     plain_picks = 0
@@ -225,6 +239,9 @@ def _traverse(
                     n, points.shape[1],
                 )
         min_dist[current] = -1.0  # never re-pick a selected point, even when duplicates tie at 0
-        current = int(torch.argmax(min_dist))
+        farthest = torch.argmax(min_dist)
+        if i + 1 < target_size:
+            gaps[i + 1] = min_dist[farthest]
+        current = int(farthest)
         if progress is not None:
             progress(i + 1, target_size)

@@ -11,6 +11,8 @@ import torch
 
 from fedpatch import kcenter
 from fedpatch.coreset import (
+    OVERSELECT,
+    greedy_coreset_picks,
     StreamingCoreset,
     coreset_size,
     coverage_radius,
@@ -209,20 +211,56 @@ def test_streaming_single_chunk_equals_one_shot(projection_dim: int | None, rng:
     assert np.array_equal(bank, one_shot)
 
 
-def test_streaming_multi_chunk_size_and_rows(rng: np.random.Generator) -> None:
+def chunk_traversals(points: np.ndarray, chunk: int, ratio: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each chunk's own greedy traversal as StreamingCoreset runs it: OVERSELECT times its share of
+    picks, seed + chunk number; rows and pick distances."""
+    out = []
+    for i, start in enumerate(range(0, len(points), chunk)):
+        part = points[start : start + chunk]
+        picks = min(len(part), math.ceil(OVERSELECT * coreset_size(len(part), ratio)))
+        indices, gaps = greedy_coreset_picks(part, picks, seed=seed + i, projection_dim=None)
+        out.append((part[indices], gaps))
+    return out
+
+
+def row_set(rows: np.ndarray) -> set[bytes]:
+    return {row.tobytes() for row in rows}
+
+
+def uneven_points(rng: np.random.Generator) -> np.ndarray:
+    """1,000 rows in chunks of 300 of which the second is 5x tighter than the others."""
     points = rng.normal(size=(1000, 8)).astype(np.float32)
+    points[300:600] *= 0.2
+    return points
+
+
+def test_streaming_keeps_the_farthest_picks_of_all_chunks(rng: np.random.Generator) -> None:
+    """The bank is, per chunk, a prefix of that chunk's traversal, the prefixes chosen by pick
+    distance across chunks: the tight chunk gives picks to the spread ones, and the union
+    covers better than the fixed shares (21, 21, 21, 7 of 0.07)."""
+    points = uneven_points(rng)
     coreset = StreamingCoreset(0.07, chunk_size=300, projection_dim=None, seed=0)
+    coreset.reserve(len(points))
     bank = stream(points, coreset, batch=128)
     assert coreset.chunks == 4
-    # chunks of 300, 300, 300, 100 rows keep ceil(0.07 * rows) = 21, 21, 21, 7 rows
-    assert bank.shape == (21 + 21 + 21 + 7, 8)
-    assert bank.dtype == np.float32
+    assert bank.shape == (21 + 21 + 21 + 7, 8) and bank.dtype == np.float32
     assert_rows_of(bank, points)
-    # chunk i is the greedy coreset of rows [300 i, 300 (i+1)) with seed + i
-    first = greedy_coreset_selection(points[:300], 21, seed=0, projection_dim=None)
-    last = greedy_coreset_selection(points[900:], 7, seed=3, projection_dim=None)
-    assert np.array_equal(bank[:21], first)
-    assert np.array_equal(bank[-7:], last)
+    traversals = chunk_traversals(points, 300, 0.07, seed=0)
+    assert [len(rows) for rows, _ in traversals] == [27, 27, 27, 9]
+    cut = np.sort(np.concatenate([gaps for _, gaps in traversals]))[::-1][len(bank) - 1]
+    kept = [int((gaps >= cut).sum()) for _, gaps in traversals]
+    assert sum(kept) == len(bank)
+    assert kept[1] < 21 < min(kept[0], kept[2])  # the tight chunk needed fewer of its picks
+    assert row_set(bank) == row_set(np.concatenate([rows[:n] for (rows, _), n in zip(traversals, kept)]))
+    # the chosen prefixes minimise the largest chunk radius (a theorem for any fixed shares of
+    # the same total), which bounds the union's radius
+    def worst_chunk_radius(counts: list[int]) -> float:
+        return max(coverage_radius(points[300 * i : 300 * (i + 1)], rows[:n]) for i, ((rows, _), n) in enumerate(zip(traversals, counts)))
+
+    fixed = [21, 21, 21, 7]
+    assert coverage_radius(points, bank) <= worst_chunk_radius(kept) <= worst_chunk_radius(fixed)
+    fixed_bank = np.concatenate([rows[:n] for (rows, _), n in zip(traversals, fixed)])
+    assert coverage_radius(points, bank) <= 0.97 * coverage_radius(points, fixed_bank)  # measured 0.957 here
 
 
 def test_streaming_coverage_close_to_one_shot_greedy() -> None:
@@ -342,17 +380,24 @@ def test_streaming_copies_the_callers_buffer(as_numpy: bool) -> None:
 
 
 @pytest.mark.parametrize("reserve", [None, 900, 5000, 100])
-def test_streaming_bank_is_the_same_with_or_without_a_reservation(reserve: int | None) -> None:
-    """A reservation only changes where the rows live: exact (900 patches), over (5000) or under (100)."""
+def test_streaming_bank_with_or_without_a_reservation(reserve: int | None) -> None:
+    """An exact (900 patches) or over-estimated (5000) reservation gives the best choice among
+    all the chunks' picks, the same rows either way (packed in front when over); under (100) or
+    without one, each merge keeps the best of what has arrived. Always bank_rows(900) rows."""
     points = np.random.default_rng(3).normal(size=(900, 6)).astype(np.float32)
-    plain = stream(points, StreamingCoreset(0.1, chunk_size=256, seed=5), 64)
+    reference = StreamingCoreset(0.1, chunk_size=256, seed=5)
+    reference.reserve(900)
+    best = stream(points, reference, 64)
     coreset = StreamingCoreset(0.1, chunk_size=256, seed=5)
     if reserve is not None:
         coreset.reserve(reserve)
     bank = stream(points, coreset, 64)
-    np.testing.assert_array_equal(bank, plain)
     assert bank.flags.c_contiguous and bank.dtype == np.float32
     assert len(bank) == coreset.bank_rows(900) == 3 * 26 + 14  # three chunks of 256 at 10 %, then 132 rows
+    assert_rows_of(bank, points)
+    assert len(row_set(bank)) == len(bank)
+    if reserve in (900, 5000):
+        assert row_set(bank) == row_set(best)
 
 
 def test_streaming_bank_with_an_exact_reservation_is_allocated_once() -> None:
