@@ -104,3 +104,17 @@ def test_coreset_bench_rows_compare_pruned_plain_and_streaming() -> None:
     assert max(radius[3:]) < 1.1  # measured 1.010 (projected) and 1.021 (exact) on these clusters
     assert [row["selected"] for row in rows.values()] == [200, 200, 200, 164 + 37, 164 + 37]  # 1 % of 16,384 and of 3,616
     assert all(row["speedup_vs_anomalib"] is None and row["seconds"] > 0 for row in rows.values())
+
+
+def test_coreset_merge_rows_on_one_chunk_match() -> None:
+    """Three 64x64 training images make one chunk, where the merge keeps exactly the fixed
+    share (the one-shot greedy prefix): both schemes give the same bank and scores."""
+    from benchmarks.coreset_merge import compare
+
+    rows = compare([0], (64, 64), 3, pretrained=False)
+    assert [row["scheme"] for row in rows] == ["fixed shares", "merge (1.25x picks)"]
+    fixed, merged = rows
+    assert fixed["chunks"] == merged["chunks"] == 1 and fixed["bank_rows"] == merged["bank_rows"] == 20  # 10 % of 192
+    for key in ("image_auroc", "pixel_auroc", "radius_vs_exact"):
+        assert fixed[key] == merged[key], key
+    assert 0.0 <= fixed["image_auroc"] <= 1.0 and fixed["radius_vs_exact"] > 0.0
