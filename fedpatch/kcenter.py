@@ -182,9 +182,9 @@ def greedy_kcenter(
     squared pick distances)``.
 
     The pick distance of pick ``i`` is its squared distance to the nearest of picks ``0..i-1``
-    (``inf`` for the first): the coverage radius, squared, of the first ``i`` picks. It never
-    increases along the order, so the first ``p`` picks of a traversal are its best ``p``-point
-    prefix, and ``StreamingCoreset`` compares these distances across chunks.
+    (``inf`` for the first), which is also the squared coverage radius of picks ``0..i-1`` (the
+    farthest point is picked next). It never increases along the order; ``StreamingCoreset``
+    compares these distances across chunks to choose how many picks each chunk keeps.
     ``prune=False`` runs the plain traversal everywhere (the reference the benchmarks time).
     """
     n = points.shape[0]

@@ -211,6 +211,19 @@ def test_streaming_single_chunk_equals_one_shot(projection_dim: int | None, rng:
     assert np.array_equal(bank, one_shot)
 
 
+def test_pick_distances_are_the_prefix_radii(rng: np.random.Generator) -> None:
+    """Each pick's distance to the earlier picks (squared) is the coverage radius of those
+    earlier picks, and never increases along the traversal."""
+    points = rng.normal(size=(400, 12)).astype(np.float32)
+    indices, gaps = greedy_coreset_picks(points, 30, seed=2, projection_dim=None)
+    assert gaps[0] == np.inf and np.all(np.diff(gaps[1:]) <= 0)
+    for i in (1, 2, 7, 29):
+        earlier = points[indices[:i]].astype(np.float64)
+        to_earlier = np.sqrt(((earlier - points[indices[i]].astype(np.float64)) ** 2).sum(axis=1)).min()
+        assert math.sqrt(gaps[i]) == pytest.approx(to_earlier, rel=1e-5)
+        assert math.sqrt(gaps[i]) == pytest.approx(coverage_radius(points, points[indices[:i]]), rel=1e-5)
+
+
 def chunk_traversals(points: np.ndarray, chunk: int, ratio: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each chunk's own greedy traversal as StreamingCoreset runs it: OVERSELECT times its share of
     picks, seed + chunk number; rows and pick distances."""
