@@ -288,10 +288,11 @@ class StreamingCoreset:
             new = np.flatnonzero(keep[self._rows :])
             slots = np.concatenate([np.flatnonzero(~keep[: self._rows]), np.arange(self._rows, limit)])[: len(new)]
             rows, gaps, order = rows[new], gaps[new], order[new]
-        self._ensure_capacity(max(self._rows, int(slots.max()) + 1 if len(slots) else 0), rows.shape[1])
+        end = max(self._rows, int(slots.max()) + 1 if len(slots) else 0)
+        self._ensure_capacity(end, rows.shape[1])
         assert self._bank is not None
         self._bank[slots], self._gaps[slots], self._order[slots] = rows, gaps, order
-        self._rows = max(self._rows, int(slots.max()) + 1 if len(slots) else 0)
+        self._rows = end
 
     def add(self, features: torch.Tensor) -> None:
         """Buffer a batch of patch features ``[n, D]``; reduce every full chunk."""
