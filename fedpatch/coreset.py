@@ -264,11 +264,11 @@ class StreamingCoreset:
         and the picks of all chunks compete for it (class docstring)."""
         self._reserved = self.bank_rows(patches)
 
-    def _ensure_capacity(self, rows: int, dim: int) -> None:
-        """Make the bank arrays hold at least ``rows`` rows (the reservation at first, then doubling)."""
-        if self._bank is not None and rows <= self._bank.shape[0]:
+    def _ensure_capacity(self, count: int, dim: int) -> None:
+        """Make the bank arrays hold at least ``count`` rows (the reservation at first, then doubling)."""
+        if self._bank is not None and count <= self._bank.shape[0]:
             return
-        capacity = max(rows, self._reserved if self._bank is None else 2 * self._bank.shape[0])
+        capacity = max(count, self._reserved if self._bank is None else 2 * self._bank.shape[0])
         grown = np.empty((capacity, dim), dtype=np.float32)
         gaps, order = np.empty(capacity), np.empty(capacity, dtype=np.int64)
         if self._bank is not None:
@@ -337,7 +337,9 @@ class StreamingCoreset:
         ``M = bank_rows(patches_seen)``.
 
         The result is the bank array itself (no copy); with an over-estimated reservation it is
-        a view of its first ``M`` rows, whose unused tail was never written, hence never resident.
+        a view of its first ``M`` rows (the kept picks, packed in front). Behind them lie the
+        dropped picks, at most ``OVERSELECT`` times ``M`` rows in all; the rest of the array was
+        never written, hence never resident.
         """
         if self._buffered:
             self._reduce_buffer()
