@@ -35,14 +35,16 @@ ADDRESS_SPACE_CAP = 16 * 2**30
 """Bytes of address space the benchmark may map (see ``anomalib_seconds``)."""
 
 
-def features(backbone: str, n_train: int, pretrained: bool, layers: list[str] | None = None) -> np.ndarray:
-    """fedpatch patch vectors ``[n_train * patches per image, D]`` of the magnetic-tile training images."""
+def features(
+    backbone: str, n_train: int, pretrained: bool, layers: list[str] | None = None, size: tuple[int, int] = (256, 256)
+) -> np.ndarray:
+    """fedpatch patch vectors ``[n_train * patches per image, D]`` of the magnetic-tile training images at ``size``."""
     from fedpatch import PatchCore
     from fedpatch.features import extract_patch_features
     from fedpatch.patchcore import iter_image_batches
 
     model = PatchCore(backbone, layers, device="cpu", pretrained=pretrained)
-    bench = bench_data.magnetic((256, 256), n_train)
+    bench = bench_data.magnetic(size, n_train)
     parts = [extract_patch_features(model.embed(batch)).float().numpy() for batch in iter_image_batches(bench.train_images(), 8)]
     return np.concatenate(parts)
 

@@ -14,6 +14,7 @@ to exact one-shot greedy k-center on them, and image and pixel AUROC on the 105 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +22,29 @@ import numpy as np
 import torch
 
 from benchmarks import data as bench_data
+from benchmarks.coreset_bench import features
 from benchmarks.run import write_rows
 from fedpatch import PatchCore, coreset
-from fedpatch.features import extract_patch_features
 from fedpatch.metrics import image_auroc, pixel_auroc
-from fedpatch.patchcore import iter_image_batches
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE = "efficientnet_lite0"
 
 
-def training_patches(model: PatchCore, bench: bench_data.BenchData) -> np.ndarray:
-    """Every training patch vector ``[N, D]``, as the fit sees them."""
-    batches = iter_image_batches(bench.train_images(), model.config.batch_size)
-    return np.concatenate([extract_patch_features(model.embed(batch)).float().numpy() for batch in batches])
+@dataclass(frozen=True)
+class Holdout:
+    """The test images, their labels and masks, loaded once for every fit."""
+
+    images: list[torch.Tensor]
+    labels: list[int]
+    masks: list[np.ndarray]
+
+    @classmethod
+    def load(cls, bench: bench_data.BenchData) -> Holdout:
+        return cls(bench.test_images(), [item.label for item in bench.test], [bench.test_mask(i) for i in range(len(bench.test))])
 
 
-def fit_and_score(bench: bench_data.BenchData, seed: int, overselect: float, pretrained: bool) -> tuple[PatchCore, dict[str, Any]]:
+def fit_and_score(bench: bench_data.BenchData, test: Holdout, seed: int, overselect: float, pretrained: bool) -> tuple[PatchCore, dict[str, Any]]:
     """Fit with ``coreset.OVERSELECT = overselect`` (restored after) and score the test images."""
     default = coreset.OVERSELECT
     coreset.OVERSELECT = overselect
@@ -46,12 +53,10 @@ def fit_and_score(bench: bench_data.BenchData, seed: int, overselect: float, pre
         model.fit(list(bench.train_images()))
     finally:
         coreset.OVERSELECT = default
-    predictions = list(model.iter_predictions(bench.test_images()))
-    labels = [item.label for item in bench.test]
-    masks = [bench.test_mask(i) for i in range(len(bench.test))]
+    predictions = list(model.iter_predictions(test.images))
     return model, {
-        "image_auroc": image_auroc([p.score for p in predictions], labels),
-        "pixel_auroc": pixel_auroc([p.anomaly_map for p in predictions], masks),
+        "image_auroc": image_auroc([p.score for p in predictions], test.labels),
+        "pixel_auroc": pixel_auroc([p.anomaly_map for p in predictions], test.masks),
         "coreset_s": model.fit_stats.coreset_seconds,
         "bank_rows": model.fit_stats.bank_size,
     }
@@ -60,13 +65,14 @@ def fit_and_score(bench: bench_data.BenchData, seed: int, overselect: float, pre
 def compare(seeds: list[int], size: tuple[int, int], n_train: int, pretrained: bool = True) -> list[dict[str, Any]]:
     """One row per seed and scheme (fixed shares, then the merge)."""
     bench = bench_data.magnetic(size, n_train)
-    patches = training_patches(PatchCore(BACKBONE, device="cpu", pretrained=pretrained), bench)
+    test = Holdout.load(bench)
+    patches = features(BACKBONE, n_train, pretrained, size=size)  # every training patch, as the fit sees them
     exact = patches[coreset.greedy_coreset_indices(patches, coreset.coreset_size(len(patches), 0.1), projection_dim=None)]
     exact_radius = coreset.coverage_radius(patches, exact)
     rows = []
     for seed in seeds:
         for label, overselect in (("fixed shares", 1.0), (f"merge ({coreset.OVERSELECT}x picks)", coreset.OVERSELECT)):
-            model, scores = fit_and_score(bench, seed, overselect, pretrained)
+            model, scores = fit_and_score(bench, test, seed, overselect, pretrained)
             radius = coreset.coverage_radius(patches, np.asarray(model.memory_bank.vectors))
             rows.append({"seed": seed, "scheme": label, "chunks": model.fit_stats.chunks, **scores, "radius_vs_exact": radius / exact_radius})
             print(rows[-1], flush=True)

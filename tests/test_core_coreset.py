@@ -12,10 +12,10 @@ import torch
 from fedpatch import kcenter
 from fedpatch.coreset import (
     OVERSELECT,
-    greedy_coreset_picks,
     StreamingCoreset,
     coreset_size,
     coverage_radius,
+    greedy_coreset_picks,
     greedy_coreset_indices,
     greedy_coreset_selection,
     random_coreset_indices,
