@@ -1,29 +1,36 @@
-"""Exact bank search on the CPU: faiss's float32 kernel vs the split-bf16 torch path.
+"""Exact bank search on the CPU: faiss's float32 kernel vs the screened bfloat16 search.
 
     python -m benchmarks.cpu_search_bench --out benchmarks/results
 
-``MemoryBank.search`` (flat index) runs ``MemoryBank.search_tensor`` with oneDNN's bf16 math
-mode on banks of at least ``SPLIT_BF16_MIN_DIM`` dims where the CPU has bf16 instructions
-(``fedpatch.memory_bank``), else ``faiss.knn``. This times both kernels on every case (2
-threads, interleaved repeats, medians), narrower banks included, which is where the dimension
-threshold comes from, and measures what the torch path changes: the share of queries whose
-nearest neighbour differs from faiss's, and each kernel's largest distance error against a
-float64 reference. Data: non-negative features with a common offset (like CNN activations
-after ReLU) and queries near bank rows.
+``MemoryBank.search`` (flat index, k = 1) runs ``fedpatch.screened_search`` on banks of at
+least ``SCREEN_MIN_DIM`` dims where the CPU has bfloat16 instructions, else ``faiss.knn``.
+This times both on every case (2 threads, interleaved repeats, medians), narrower banks
+included, which is where the dimension threshold comes from, and measures what the screen
+does: candidates per query (rows whose float32 distance it computes), and for each kernel the
+share of queries whose neighbour is a nearest one by float64 arithmetic and the largest
+distance error, on up to ``REFERENCE_QUERIES`` queries.
+
+Two kinds of data: non-negative rows with a common offset (like CNN activations after ReLU)
+and queries near bank rows, at the sizes of the cases below; and real patch features
+(``FEATURE_CASES``): a bank fitted as in the main suite (``benchmarks.run``) and the patches of
+two test images, efficientnet_lite0 with its weights and wide_resnet50_2 with random ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
 
-import faiss
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as ``import fedpatch`` sets it, before faiss and torch load their OpenMP
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-from fedpatch.memory_bank import SPLIT_BF16_MIN_DIM, MemoryBank, split_bf16_matmul, split_bf16_matmul_available
+from fedpatch import screened_search  # noqa: E402
+from fedpatch.memory_bank import SCREEN_MIN_DIM  # noqa: E402
 
 CASES = [  # (feature dim, bank rows, queries): narrow banks, lite0 (152), resnet18 (384), WRN-50-2 (1536)
     (32, 2_351, 23_500),
@@ -37,6 +44,13 @@ CASES = [  # (feature dim, bank rows, queries): narrow banks, lite0 (152), resne
     (1536, 2_351, 23_500),
     (1536, 23_500, 11_750),
 ]
+FEATURE_CASES = [  # (data, backbone, pretrained, (W, H), training images): main-suite configurations
+    ("magnetic", "efficientnet_lite0", True, (256, 256), 20),
+    ("synthetic", "efficientnet_lite0", True, (1000, 750), 2),
+    ("synthetic", "wide_resnet50_2", False, (400, 400), 5),
+    ("synthetic", "wide_resnet50_2", False, (1000, 750), 2),
+]
+REFERENCE_QUERIES = 2_000
 
 
 def _data(dim: int, rows: int, queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -46,61 +60,99 @@ def _data(dim: int, rows: int, queries: int, seed: int = 0) -> tuple[np.ndarray,
     return bank, (near + 0.3 * rng.standard_normal(near.shape, dtype=np.float32)).astype(np.float32)
 
 
-def _reference(bank: np.ndarray, queries: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """float64 distances from each query to the bank row it was matched with."""
-    return np.linalg.norm(queries.astype(np.float64) - bank[indices].astype(np.float64), axis=1)
+def _features(name: str, backbone: str, pretrained: bool, size: tuple[int, int], n_train: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fitted bank and the patch features of two test images."""
+    from benchmarks import data as bench_data
+    from fedpatch import PatchCore
+    from fedpatch.features import extract_patch_features
+
+    bench = bench_data.load(name, size, n_train)
+    model = PatchCore(backbone, pretrained=pretrained, device="cpu").fit(bench.train_images())
+    images = torch.stack(bench.test_images()[:2])
+    with torch.no_grad():
+        patches = extract_patch_features(model.embed(images.float() / 255 if images.dtype == torch.uint8 else images))
+    return model.get_memory_bank(), patches.float().numpy()
+
+
+def _float64_check(bank: np.ndarray, queries: np.ndarray, indices: np.ndarray, distances: np.ndarray) -> tuple[float, float]:
+    """(share of queries whose neighbour is a float64 nearest one, largest distance error)."""
+    sample = np.linspace(0, len(queries) - 1, min(len(queries), REFERENCE_QUERIES)).astype(int)
+    q, b = torch.from_numpy(queries[sample]).double(), torch.from_numpy(bank).double()
+    squared = (q * q).sum(1, keepdim=True) + (b * b).sum(1) - 2 * q @ b.T  # float64: rounding ~1e-13
+    best = squared.min(dim=1).values
+    chosen = squared[torch.arange(len(sample)), torch.from_numpy(indices[sample])]
+    scale = (q * q).sum(1) + (b * b).sum(1).max()
+    nearest = (chosen - best <= 1e-11 * scale).double().mean()
+    exact = np.linalg.norm(queries[sample].astype(np.float64) - bank[indices[sample]].astype(np.float64), axis=1)
+    return float(nearest), float(np.max(np.abs(distances[sample] - exact)))
+
+
+def _case(label: str, vectors: np.ndarray, queries: np.ndarray, repeats: int, screen: bool) -> dict[str, float | int | str]:
+    times: dict[str, list[float]] = {"faiss": [], "screened": []}
+    search = screened_search.ScreenedSearch(vectors) if screen else None
+    for _ in range(repeats):  # interleaved, so both see the same machine state
+        start = time.perf_counter()
+        faiss_sq, faiss_idx = faiss.knn(queries, vectors, 1)
+        times["faiss"].append(time.perf_counter() - start)
+        if search is not None:
+            start = time.perf_counter()
+            ours, our_idx = search.nearest(queries)
+            times["screened"].append(time.perf_counter() - start)
+    faiss_d = np.sqrt(np.maximum(faiss_sq[:, 0], 0.0))
+    faiss_s = statistics.median(times["faiss"])
+    row: dict[str, float | int | str] = {
+        "data": label, "dim": vectors.shape[1], "bank_rows": len(vectors), "queries": len(queries), "faiss_s": faiss_s,
+        "search_uses": "screened" if vectors.shape[1] >= SCREEN_MIN_DIM and screen else "faiss",
+    }  # fmt: skip
+    faiss_nearest, faiss_err = _float64_check(vectors, queries, faiss_idx[:, 0], faiss_d)
+    if search is not None:
+        screened_s = statistics.median(times["screened"])
+        nearest, err = _float64_check(vectors, queries, our_idx, ours)
+        row.update(screened_s=screened_s, screened_speedup=faiss_s / screened_s, candidates_per_query=search.candidates / (repeats * len(queries)))
+        row.update(faiss_f64_nearest=faiss_nearest, screened_f64_nearest=nearest, faiss_max_abs_err=faiss_err, screened_max_abs_err=err)
+    else:
+        row.update(faiss_f64_nearest=faiss_nearest, faiss_max_abs_err=faiss_err)
+    row["median_distance"] = float(np.median(faiss_d))
+    print(row, flush=True)
+    return row
+
+
+def machine() -> str:
+    """The CPU's model name and its bfloat16 instruction sets, from /proc/cpuinfo."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown CPU")
+    flags = sorted({flag for flag in text.split() if flag in ("avx512_bf16", "amx_bf16", "avx2")})
+    return f"{model} ({', '.join(flags) or 'no avx2/bf16 flags'}), {torch.get_num_threads()} threads"
 
 
 def run(repeats: int) -> list[dict[str, float | int | str]]:
     torch.set_num_threads(2)
     faiss.omp_set_num_threads(2)
-    split = split_bf16_matmul_available()
-    rows: list[dict[str, float | int | str]] = []
-    for dim, size, count in CASES:
-        vectors, queries = _data(dim, size, count)
-        bank = MemoryBank(dim)
-        bank.add(vectors)
-        bank.build_index()
-        query_tensor = torch.from_numpy(queries)
-        times: dict[str, list[float]] = {"faiss": [], "torch": []}
-        for _ in range(repeats):  # interleaved, so both see the same machine state
-            start = time.perf_counter()
-            faiss_sq, faiss_idx = faiss.knn(queries, vectors, 1)
-            times["faiss"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            with split_bf16_matmul():
-                ours, our_idx = bank.search_tensor(query_tensor, k=1)
-            times["torch"].append(time.perf_counter() - start)
-        faiss_d = np.sqrt(np.maximum(faiss_sq[:, 0], 0.0))
-        ours_np, our_idx_np = ours[:, 0].numpy(), our_idx[:, 0].numpy()
-        faiss_s, torch_s = statistics.median(times["faiss"]), statistics.median(times["torch"])
-        rows.append({
-            "dim": dim, "bank_rows": size, "queries": count, "faiss_s": faiss_s,
-            "torch_split_bf16_s": torch_s, "torch_speedup": faiss_s / torch_s,
-            "search_uses": "torch" if dim >= SPLIT_BF16_MIN_DIM and split else "faiss",
-            "same_nearest": float(np.mean(faiss_idx[:, 0] == our_idx_np)),
-            "faiss_max_abs_err": float(np.max(np.abs(faiss_d - _reference(vectors, queries, faiss_idx[:, 0])))),
-            "torch_max_abs_err": float(np.max(np.abs(ours_np - _reference(vectors, queries, our_idx_np)))),
-            "median_distance": float(np.median(faiss_d)),
-        })  # fmt: skip
-        print(rows[-1], flush=True)
+    screen = screened_search.available()
+    rows = [_case("relu+offset", *_data(dim, size, count), repeats, screen) for dim, size, count in CASES]
+    for name, backbone, pretrained, size, n_train in FEATURE_CASES:
+        label = f"{backbone}{'' if pretrained else ' (random)'} {name} {size[0]}x{size[1]} n={n_train}"
+        rows.append(_case(label, *_features(name, backbone, pretrained, size, n_train), repeats, screen))
+        torch.set_num_threads(2)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--name", default="cpu_search", help="file name of the tables (one per machine)")
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     rows = run(args.repeats)
     from benchmarks.run import write_rows
 
-    caption = (f"Command: `python -m benchmarks.cpu_search_bench`; 2 threads; both kernels timed on every case; "
-               f"`search_uses` is the kernel MemoryBank.search picks (faiss below {SPLIT_BF16_MIN_DIM} dims or without "
-               f"bf16 instructions); seconds are medians of {args.repeats} interleaved repeats; errors are against "
-               f"float64 distances.")  # fmt: skip
-    write_rows(args.out, "cpu_search", "exact bank search on the CPU: faiss float32 vs the split-bf16 torch path", caption, rows,
-               bf16_instructions=split_bf16_matmul_available())  # fmt: skip
+    caption = (f"Command: `python -m benchmarks.cpu_search_bench --name {args.name}` on {machine()}; both kernels timed on every "
+               f"case; `search_uses` is the kernel MemoryBank.search picks for k = 1 (faiss below {SCREEN_MIN_DIM} dims or "
+               f"without bf16 instructions); seconds are medians of {args.repeats} interleaved repeats; `*_f64_nearest` is "
+               f"the share of (up to {REFERENCE_QUERIES}) queries whose neighbour is a nearest one by float64 arithmetic, "
+               f"errors are against float64 distances.")  # fmt: skip
+    write_rows(args.out, args.name, "exact bank search on the CPU: faiss float32 vs the screened bfloat16 search", caption, rows,
+               bf16_instructions=screened_search.available())  # fmt: skip
     return 0
 
 

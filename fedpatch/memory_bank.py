@@ -14,21 +14,14 @@ On a GPU, ``search_tensor`` runs the exact search with torch on the query's devi
 is copied there once), so a CUDA model never moves its patch features to the host to score
 them (``benchmarks/results/search.md``).
 
-On a CPU with native bfloat16 dot products (AVX512-BF16 or AMX), the flat search of banks at
-least ``SPLIT_BF16_MIN_DIM`` wide runs ``search_tensor`` on the CPU with oneDNN's bf16 math
-mode for float32 matrix products (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``):
-each float32 operand is split into bfloat16 parts whose products are summed in float32, so
-every bank vector is still compared and the dot products keep float32-level accuracy (about
-2x the rounding error of a plain float32 product, not bfloat16's 2^-8). The distances of the
-chosen neighbours are then recomputed from the differences, which makes them more accurate
-than faiss's. Each row's nearest neighbour is found with ``amin`` over blocks of the row
-(``_first_argmin``), as torch's index-returning reductions are ~10x slower. Measured on 2
-cores: 1.23-1.68x faiss's speed at 64-1536 dims on banks of 2,049-23,500 rows (0.94x on a
-500-row 64-d bank), the same nearest neighbour for every query, distance errors of 3e-7 to
-2e-6 against faiss's 2e-5 to 9e-5 (``benchmarks/results/cpu_search.md``). A self-check on
-first use compares the mode with a float64 product and keeps faiss if it is not that accurate
-(a oneDNN build whose bf16 mode were a single bfloat16 pass); CPUs without bf16 instructions
-use faiss. The mode is switched on only around the search and restored after it.
+On a CPU with native bfloat16 products (AVX512-BF16 or AMX), 1-nearest-neighbour search of
+banks at least ``SCREEN_MIN_DIM`` wide (what PatchCore's scores and the coverage radius ask
+for) runs ``fedpatch.screened_search``: a bfloat16 product screens the bank with a proven
+error bound and float32 distances decide among the few rows it cannot rule out. The result
+is the exact nearest neighbour (it agreed with float64 on every query measured; its
+distances are within 3e-6 of float64's, faiss's within 1e-4 to 8e-3) at 1.0-1.8x faiss's
+speed on 2 threads, the most on the widest banks (``benchmarks/results/cpu_search_zen4.md``).
+Other searches (k > 1, narrower banks, CPUs without bfloat16 instructions) use faiss.
 
 Threads: faiss uses OpenMP; searches run with as many threads as torch uses
 (``torch.get_num_threads()``), so one knob (``torch.set_num_threads``) sizes the whole
@@ -43,31 +36,22 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
 
+from fedpatch import screened_search
 from fedpatch.atomic import atomic_save
 from fedpatch.errors import BankValidationError, ModelFileError
 
 BANK_FORMAT = "fedpatch-memory-bank/1"
-CPU_SEARCH_CELLS = 1 << 21
-"""Distance-matrix entries per query chunk of the CPU torch search (8 MiB: cache-sized)."""
-SPLIT_BF16_MIN_DIM = 64
-"""Narrower banks stay on faiss. The torch path against faiss on 2 threads
-(``benchmarks/results/cpu_search.md``): 0.46x at 32 dims; 0.94x on a 500-row and 1.27x on a
-2,351-row bank at 64 dims; 1.48x at 128; 1.23-1.52x at 152."""
-NEAREST_BLOCK = 64
-"""Score columns per block of ``_first_argmin``."""
-SPLIT_BF16_MAX_ERROR = 1e-5
-"""Largest error of the bf16 math mode's dot products, relative to ``|a| |b|``, that the
-self-check accepts (on its probe: float32 3e-7, the split bf16 mode 6e-7, one bfloat16 pass 2e-3)."""
+SCREEN_MIN_DIM = 128
+"""Narrower banks stay on faiss: the screened search against faiss on 2 threads
+(``benchmarks/results/cpu_search_zen4.md``) was 0.41x at 32 dims, 0.71x on a 500-row and 0.94x
+on a 2,351-row bank at 64 dims, 1.01x at 128 and 1.15-1.31x at 152."""
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 _INDEX_PARAMS = {"flat": (), "ivf": ("nlist", "nprobe"), "hnsw": ("m", "ef_search")}
 
@@ -194,6 +178,7 @@ class MemoryBank:
         self._vectors = np.empty((0, self.feature_dim), dtype=np.float32)
         self._index: faiss.Index | None = None
         self._device_copy: tuple[torch.Tensor, torch.Tensor] | None = None  # (vectors, squared norms)
+        self._screen: screened_search.ScreenedSearch | None = None
 
     def __len__(self) -> int:
         return self._vectors.shape[0] + sum(p.shape[0] for p in self._pending)
@@ -228,6 +213,7 @@ class MemoryBank:
         self._pending = []
         self._index = _build_faiss_index(self._vectors, self.index_spec)
         self._device_copy = None
+        self._screen = None
 
     @property
     def vectors(self) -> np.ndarray:
@@ -242,7 +228,8 @@ class MemoryBank:
 
         Exact for the flat index; approximate for ``ivf`` / ``hnsw`` (rows the approximate
         index cannot fill with ``k`` neighbours are searched exactly). Distances are
-        Euclidean (not squared), ascending along each row.
+        Euclidean (not squared), ascending along each row. A query row holding NaN or inf
+        raises ``ValueError`` (it has no nearest neighbour).
         """
         self.build_index()
         if len(self) == 0:
@@ -254,10 +241,16 @@ class MemoryBank:
             raise ValueError(f"query must be [M, {self.feature_dim}], got shape {query.shape}")
         if query.shape[0] == 0:
             return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
-        if self._index is None and self.feature_dim >= SPLIT_BF16_MIN_DIM and split_bf16_matmul_available():
-            with split_bf16_matmul():
-                distances, found = self.search_tensor(torch.from_numpy(query.copy() if not query.flags.writeable else query), k)
-            return distances.numpy(), found.numpy()
+        if self._index is None and k == 1 and self.feature_dim >= SCREEN_MIN_DIM and screened_search.available():
+            distances, indices = self._screened_nearest(query)
+        else:
+            distances, indices = self._faiss_search(query, k)
+        unmatched = indices[:, 0] < 0  # both kernels leave rows with NaN or inf unmatched
+        if unmatched.any():
+            raise ValueError(f"query: {int(unmatched.sum())} row(s) hold NaN or infinite values (the first is row {int(np.flatnonzero(unmatched)[0])})")
+        return distances, indices
+
+    def _faiss_search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         faiss.omp_set_num_threads(torch.get_num_threads())
         if self._index is None:
             sq_dist, indices = faiss.knn(query, self._vectors, k)
@@ -268,16 +261,23 @@ class MemoryBank:
                 sq_dist[missing], indices[missing] = faiss.knn(query[missing], self._vectors, k)
         return np.sqrt(np.maximum(sq_dist, 0.0)), indices.astype(np.int64, copy=False)
 
-    def search_tensor(self, query: torch.Tensor, k: int = 1, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _screened_nearest(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact 1-NN through ``fedpatch.screened_search``; its bfloat16 form of the bank is
+        built on first use and kept until the bank changes."""
+        if self._screen is None:
+            self._screen = screened_search.ScreenedSearch(self._vectors)
+        distances, indices = self._screen.nearest(query)
+        return distances[:, None], indices[:, None]
+
+    def search_tensor(self, query: torch.Tensor, k: int = 1, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact k nearest neighbours of a query tensor, computed on the query's device.
 
-        Same result as ``search`` with the flat index (up to float rounding), as tensors
-        ``(distances [M, k], indices [M, k])`` on the query's device. Neighbours are chosen on
-        the expanded squared distances; the returned distances are recomputed from the
-        differences (no cancellation: a bank member's own distance is 0). The distance matrix is
-        built ``chunk_rows`` queries at a time, bounding its memory (default: 4096 on a GPU;
-        on the CPU as many as keep a chunk at ``CPU_SEARCH_CELLS`` entries, 64-512 rows, which
-        measured fastest).
+        The GPU path of ``PatchCore`` (it runs on a CPU tensor too, for tests). Same result as
+        ``search`` with the flat index (up to float rounding), as tensors ``(distances [M, k],
+        indices [M, k])`` on the query's device. Neighbours are chosen on the expanded squared
+        distances; the returned distances are recomputed from the differences (no
+        cancellation: a bank member's own distance is 0). The distance matrix is built
+        ``chunk_rows`` queries at a time, bounding its memory.
         """
         self.build_index()
         if not 1 <= k <= len(self):
@@ -289,34 +289,16 @@ class MemoryBank:
             self._device_copy = (vectors, (vectors * vectors).sum(dim=1))
         vectors, sq_norms = self._device_copy
         query = query.float()
-        if chunk_rows is None:
-            chunk_rows = 4096 if query.is_cuda else min(512, max(64, CPU_SEARCH_CELLS // len(self)))
         if query.shape[0] == 0:
             return torch.empty(0, k, device=query.device), torch.empty(0, k, dtype=torch.int64, device=query.device)
-        rows, size = min(chunk_rows, query.shape[0]), len(self)
-        blocked = not query.is_cuda  # the GPU's argmin has no such cost (see _first_argmin)
-        # buffers reused by every chunk: fresh multi-MB tensors per chunk cost page faults
-        # (glibc returns large blocks to the OS), which measured 1.3-1.6x slower searches.
-        # For _first_argmin the score rows are padded to whole NEAREST_BLOCK blocks; the
-        # padding is +inf, so it is never a neighbour.
-        padded = size + (-size % NEAREST_BLOCK if blocked else 0)
-        scores = torch.empty(rows, padded, device=query.device)
-        scores[:, size:] = math.inf
-        chosen = torch.empty(rows * k, self.feature_dim, device=query.device)
         distances, indices = [], []
         for part in query.split(chunk_rows):
-            n = part.shape[0]
             # |x|^2 - 2 q.x: the query's own |q|^2 shifts a whole row, so the order needs none
-            sq = torch.addmm(sq_norms.unsqueeze(0), part, vectors.T, alpha=-2.0, out=scores[:n, :size])
-            if k > 1:
-                nearest = sq.topk(k, dim=1, largest=False).indices
-            elif blocked:
-                nearest = _first_argmin(scores[:n], NEAREST_BLOCK).unsqueeze(1)
-            else:
-                nearest = sq.argmin(dim=1, keepdim=True)
+            sq = torch.addmm(sq_norms.unsqueeze(0), part, vectors.T, alpha=-2.0)
+            nearest = sq.topk(k, dim=1, largest=False).indices if k > 1 else sq.argmin(dim=1, keepdim=True)
             # that expansion cancels badly for near neighbours of large vectors: the chosen
             # neighbours' distances are computed from the differences
-            diff = torch.index_select(vectors, 0, nearest.reshape(-1), out=chosen[: n * k]).view(n, k, -1)
+            diff = vectors[nearest.reshape(-1)].view(part.shape[0], k, -1)
             values = torch.linalg.vector_norm(diff.sub_(part.unsqueeze(1)), dim=2)
             if k > 1:
                 values, order = values.sort(dim=1)
@@ -362,70 +344,3 @@ class MemoryBank:
         bank.add(vectors, copy=False, source=str(file))  # the loaded array is ours alone
         bank.build_index()
         return bank
-
-
-def _first_argmin(scores: torch.Tensor, block: int) -> torch.Tensor:
-    """Row-wise index of the first minimum of ``scores [n, B * block]``, as ``argmin`` gives it.
-
-    torch's CPU reductions that return an index (``argmin``, ``min(dim)``) ran ~10x slower
-    than ``amin``, which returns only the values: at 152 dims the index alone cost a quarter
-    of the search. So each block's minimum comes from ``amin``, and index reductions run only
-    over the ``B`` block minima and over the ``block`` entries of each row's winning block.
-    The first block holding the row minimum holds its first occurrence, so ties resolve as
-    in ``argmin``.
-    """
-    rows = scores.shape[0]
-    blocks = scores.view(rows, -1, block)
-    best = blocks.amin(dim=2).argmin(dim=1)
-    within = blocks[torch.arange(rows, device=scores.device), best].argmin(dim=1)
-    return best * block + within
-
-
-def _bf16_instructions() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles)."""
-    cpu = torch.cpu
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check is not None and check() for check in checks)
-
-
-@contextmanager
-def split_bf16_matmul() -> Iterator[None]:
-    """Within the block, float32 matrix products on the CPU may use oneDNN's bf16 math mode.
-
-    The setting is process-wide: a float32 product another thread runs meanwhile may take the
-    same split-bf16 kernels (float32-level accuracy, checked by ``float32_level_product``).
-    """
-    matmul = torch.backends.mkldnn.matmul
-    previous = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = previous
-
-
-def _split_bf16_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    with split_bf16_matmul():
-        return a @ b
-
-
-def float32_level_product(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
-    """Whether ``product`` multiplies a probe pair of float32 matrices (non-negative, like
-    ReLU features) with errors at most ``SPLIT_BF16_MAX_ERROR`` relative to ``|a_i| |b_j|``."""
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(256, 1024, generator=generator).relu_().add_(0.5)
-    b = torch.randn(1024, 256, generator=generator).relu_().add_(0.5)
-    exact = a.double() @ b.double()
-    scale = a.double().norm(dim=1, keepdim=True) * b.double().norm(dim=0, keepdim=True)
-    return float(((product(a, b).double() - exact).abs() / scale).max()) <= SPLIT_BF16_MAX_ERROR
-
-
-@lru_cache(maxsize=1)
-def split_bf16_matmul_available() -> bool:
-    """True when the CPU has bf16 instructions and the bf16 math mode keeps float32-level
-    accuracy on a probe product (checked once per process)."""
-    if not (_bf16_instructions() and torch.backends.mkldnn.is_available()):
-        return False
-    if not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"):
-        return False
-    return float32_level_product(_split_bf16_product)

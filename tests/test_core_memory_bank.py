@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -13,9 +12,9 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
+from fedpatch import memory_bank, screened_search
 from fedpatch.errors import BankValidationError, ModelFileError
-from fedpatch import memory_bank
-from fedpatch.memory_bank import IndexSpec, MemoryBank, float32_level_product, split_bf16_matmul, validate_bank_array
+from fedpatch.memory_bank import IndexSpec, MemoryBank, validate_bank_array
 
 if TYPE_CHECKING:
     from fedpatch import PatchCore
@@ -28,9 +27,9 @@ def brute_force_knn(bank: np.ndarray, query: np.ndarray, k: int) -> tuple[np.nda
     return np.take_along_axis(dist, order, axis=1), order
 
 
-def make_bank(vectors: np.ndarray, max_size: int | None = None) -> MemoryBank:
+def make_bank(vectors: np.ndarray, max_size: int | None = None, index: str = "flat") -> MemoryBank:
     """A bank holding ``vectors``."""
-    bank = MemoryBank(vectors.shape[1], max_size=max_size)
+    bank = MemoryBank(vectors.shape[1], max_size=max_size, index=index)
     bank.add(vectors)
     return bank
 
@@ -312,7 +311,7 @@ def test_search_tensor_matches_exact_search(rng: np.random.Generator) -> None:
     vectors = rng.normal(size=(700, 24)).astype(np.float32)
     query = rng.normal(size=(300, 24)).astype(np.float32)
     bank = make_bank(vectors)
-    for k in (1, 4):  # k=1 takes the blocked argmin over 700 columns (10 blocks of 64 and a padded one)
+    for k in (1, 4):
         distances, indices = bank.search_tensor(torch.from_numpy(query), k=k, chunk_rows=64)
         ref_d, ref_i = brute_force_knn(vectors, query, k)
         assert isinstance(distances, torch.Tensor) and distances.shape == (300, k)
@@ -324,30 +323,16 @@ def test_search_tensor_matches_exact_search(rng: np.random.Generator) -> None:
     assert empty_d.shape == empty_i.shape == (0, 2) and empty_i.dtype == torch.int64
 
 
-@pytest.mark.parametrize("block", [1, 4, 64])
-def test_first_argmin_is_argmin_with_its_tie_order(rng: np.random.Generator, block: int) -> None:
-    scores = torch.from_numpy(rng.integers(0, 6, size=(257, 192)).astype(np.float32))  # many ties per row
-    scores[3] = 7.0  # a whole row tied
-    scores[4, -1] = -1.0  # the minimum in the last column
-    scores[5, 0] = -1.0  # and in the first
-    expected = scores.argmin(dim=1)
-    assert expected[3] == 0 and expected[4] == 191 and expected[5] == 0
-    assert torch.equal(memory_bank._first_argmin(scores, block), expected)
-    padded = torch.cat([scores[:, :190], torch.full((257, 2), math.inf)], dim=1)  # search_tensor's +inf padding
-    assert torch.equal(memory_bank._first_argmin(padded, block), padded[:, :190].argmin(dim=1))
-
-
-@pytest.mark.parametrize("split_bf16", [True, False])
-def test_wide_flat_search_is_exact_with_either_cpu_kernel(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, split_bf16: bool) -> None:
-    # 384-d (>= SPLIT_BF16_MIN_DIM, 64): the split-bf16 torch path where the CPU has bf16
-    # instructions, faiss otherwise; both must give float64 brute force's neighbours
-    if split_bf16 and not memory_bank.split_bf16_matmul_available():
+@pytest.mark.parametrize("screened", [True, False])
+def test_wide_flat_search_is_exact_with_either_cpu_kernel(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, screened: bool) -> None:
+    # 384-d (>= SCREEN_MIN_DIM, 64): 1-NN takes the screened bf16 search where the CPU has bf16
+    # instructions, faiss otherwise (and for k > 1); both must give float64 brute force's neighbours
+    if screened and not screened_search.available():
         pytest.skip("this CPU has no bf16 instructions: faiss is the only CPU kernel here")
-    monkeypatch.setattr(memory_bank, "split_bf16_matmul_available", lambda: split_bf16)
-    precision = torch.backends.mkldnn.matmul.fp32_precision
+    monkeypatch.setattr(screened_search, "available", lambda: screened)
     calls: list[int] = []
-    search_tensor = MemoryBank.search_tensor
-    monkeypatch.setattr(MemoryBank, "search_tensor", lambda self, q, k=1, chunk_rows=None: calls.append(k) or search_tensor(self, q, k, chunk_rows))
+    nearest = screened_search.ScreenedSearch.nearest
+    monkeypatch.setattr(screened_search.ScreenedSearch, "nearest", lambda self, q: calls.append(len(q)) or nearest(self, q))
     vectors = (np.maximum(rng.normal(size=(900, 384)), 0) + 0.5).astype(np.float32)  # ReLU-like, with an offset
     query = (vectors[rng.integers(900, size=400)] + 0.3 * rng.normal(size=(400, 384))).astype(np.float32)
     query[:5] = vectors[:5]  # bank members: distance 0, not a rounding residue
@@ -355,26 +340,28 @@ def test_wide_flat_search_is_exact_with_either_cpu_kernel(rng: np.random.Generat
     for k in (1, 3):
         distances, indices = bank.search(query, k=k)
         ref_d, ref_i = brute_force_knn(vectors, query, k)
-        assert indices.dtype == np.int64 and distances.dtype == np.float32
+        assert indices.dtype == np.int64 and distances.dtype == np.float32 and indices.shape == (400, k)
         assert np.array_equal(indices, ref_i)
-        np.testing.assert_allclose(distances, ref_d, rtol=2e-5 if split_bf16 else 1e-4, atol=1e-5 if split_bf16 else 2e-2)  # faiss: cancellation (0.011 for a member)
-    assert calls == ([1, 3] if split_bf16 else [])
-    if split_bf16:
+        exact = screened and k == 1  # distances from the differences
+        np.testing.assert_allclose(distances, ref_d, rtol=2e-6 if exact else 1e-4, atol=1e-6 if exact else 2e-2)  # faiss: cancellation (0.011 for a member)
+    assert calls == ([400] if screened else [])
+    if screened:
         assert np.array_equal(bank.search(query[:5], k=1)[0][:, 0], np.zeros(5, np.float32))
-    assert torch.backends.mkldnn.matmul.fp32_precision == precision  # the mode was restored
+        bank.add(query[5:6])  # the screen's bf16 form follows the bank
+        assert bank.search(query[5:6], k=1)[1][0, 0] == 900
 
 
-def test_split_bf16_mode_is_scoped_and_its_accuracy_checked() -> None:
-    matmul = torch.backends.mkldnn.matmul
-    before = matmul.fp32_precision
-    with pytest.raises(RuntimeError, match="inside"):
-        with split_bf16_matmul():
-            assert matmul.fp32_precision == "bf16"
-            raise RuntimeError("inside")
-    assert matmul.fp32_precision == before
-    assert float32_level_product(lambda a, b: a @ b)  # float32
-    assert not float32_level_product(lambda a, b: (a.bfloat16() @ b.bfloat16()).float())  # one bf16 pass: refused
-    assert not float32_level_product(lambda a, b: a @ b * (1 + 1e-4))
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_non_finite_query_rows_are_refused(rng: np.random.Generator, index: str, k: int) -> None:
+    # every kernel (screened bf16, faiss flat, an approximate index) leaves them unmatched
+    vectors = (np.maximum(rng.normal(size=(300, 160)), 0) + 0.5).astype(np.float32)  # >= SCREEN_MIN_DIM
+    query = vectors[:6].copy()
+    query[2, 7], query[4, 0] = np.nan, np.inf
+    bank = make_bank(vectors, index=index)
+    with pytest.raises(ValueError, match=r"query: 2 row\(s\) hold NaN or infinite values \(the first is row 2\)"):
+        bank.search(query, k=k)
+    assert np.array_equal(bank.search(query[[0, 1, 3]], k=k)[1][:, 0], [0, 1, 3])
 
 
 def test_patchcore_index_option_is_used_saved_and_validated(
@@ -409,8 +396,6 @@ def test_add_without_copy_keeps_the_array(rng: np.random.Generator) -> None:
 
 def test_non_finite_rows_are_counted_across_validation_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The finite check runs block by block (bounded memory) and still counts every bad row."""
-    from fedpatch import memory_bank
-
     monkeypatch.setattr(memory_bank, "VALIDATION_BLOCK_ROWS", 2)
     features = np.zeros((7, 3), np.float32)
     features[1, 0], features[4, 2], features[6, 1] = np.nan, np.inf, -np.inf
