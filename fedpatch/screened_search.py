@@ -49,8 +49,8 @@ the blocks whose minimum passes the threshold are looked at entry by entry.
 The bound assumes what oneDNN's bfloat16 kernels do (float32 accumulation, one rounding at
 the end); ``bf16_product_within_bound`` checks it on a probe once per process, and the search
 is not used where it fails (nor on CPUs without bfloat16 instructions, where the product is
-emulated and slow). Rows the screen leaves without a candidate (non-finite queries) are
-reported to the caller, which searches them with faiss.
+emulated and slow). Rows the screen leaves without a candidate (queries holding NaN or inf)
+come back with index -1; ``MemoryBank.search`` refuses them with an error naming the row.
 """
 
 from __future__ import annotations
