@@ -325,7 +325,7 @@ def test_search_tensor_matches_exact_search(rng: np.random.Generator) -> None:
 
 @pytest.mark.parametrize("screened", [True, False])
 def test_wide_flat_search_is_exact_with_either_cpu_kernel(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, screened: bool) -> None:
-    # 384-d (>= SCREEN_MIN_DIM, 64): 1-NN takes the screened bf16 search where the CPU has bf16
+    # 384-d (>= SCREEN_MIN_DIM, 128): 1-NN takes the screened bf16 search where the CPU has bf16
     # instructions, faiss otherwise (and for k > 1); both must give float64 brute force's neighbours
     if screened and not screened_search.available():
         pytest.skip("this CPU has no bf16 instructions: faiss is the only CPU kernel here")
