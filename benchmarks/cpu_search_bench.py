@@ -65,13 +65,13 @@ def _features(name: str, backbone: str, pretrained: bool, size: tuple[int, int],
     from benchmarks import data as bench_data
     from fedpatch import PatchCore
     from fedpatch.features import extract_patch_features
+    from fedpatch.patchcore import iter_image_batches
 
     bench = bench_data.load(name, size, n_train)
     model = PatchCore(backbone, pretrained=pretrained, device="cpu").fit(bench.train_images())
-    images = torch.stack(bench.test_images()[:2])
     with torch.no_grad():
-        patches = extract_patch_features(model.embed(images.float() / 255 if images.dtype == torch.uint8 else images))
-    return model.get_memory_bank(), patches.float().numpy()
+        parts = [extract_patch_features(model.embed(batch)).float().numpy() for batch in iter_image_batches(bench.test_images()[:2], 2)]
+    return model.get_memory_bank(), np.concatenate(parts)
 
 
 def _float64_check(bank: np.ndarray, queries: np.ndarray, indices: np.ndarray, distances: np.ndarray) -> tuple[float, float]:
@@ -104,14 +104,14 @@ def _case(label: str, vectors: np.ndarray, queries: np.ndarray, repeats: int, sc
         "data": label, "dim": vectors.shape[1], "bank_rows": len(vectors), "queries": len(queries), "faiss_s": faiss_s,
         "search_uses": "screened" if vectors.shape[1] >= SCREEN_MIN_DIM and screen else "faiss",
     }  # fmt: skip
-    faiss_nearest, faiss_err = _float64_check(vectors, queries, faiss_idx[:, 0], faiss_d)
     if search is not None:
         screened_s = statistics.median(times["screened"])
-        nearest, err = _float64_check(vectors, queries, our_idx, ours)
         row.update(screened_s=screened_s, screened_speedup=faiss_s / screened_s, candidates_per_query=search.candidates / (repeats * len(queries)))
-        row.update(faiss_f64_nearest=faiss_nearest, screened_f64_nearest=nearest, faiss_max_abs_err=faiss_err, screened_max_abs_err=err)
-    else:
-        row.update(faiss_f64_nearest=faiss_nearest, faiss_max_abs_err=faiss_err)
+    checks = {"faiss": _float64_check(vectors, queries, faiss_idx[:, 0], faiss_d)}
+    if search is not None:
+        checks["screened"] = _float64_check(vectors, queries, our_idx, ours)
+    row.update({f"{kernel}_f64_nearest": nearest for kernel, (nearest, _) in checks.items()})
+    row.update({f"{kernel}_max_abs_err": error for kernel, (_, error) in checks.items()})
     row["median_distance"] = float(np.median(faiss_d))
     print(row, flush=True)
     return row
