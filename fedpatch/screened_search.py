@@ -34,14 +34,14 @@ So the result is the exact nearest neighbour (up to the float32 rounding of the 
 differences, as with any float32 search), not an approximation: measured against float64 on
 WRN-50-2 features it agreed on every query, where the float32 expanded product
 (``|q|^2 + |b|^2 - 2 q.b``) in oneDNN's split-bf16 mode, used before, picked another
-neighbour for 0.1% of them, and its distances are within 3e-6 of float64's (faiss's expanded
+neighbour for 10 of 23,500 WRN 1000x750 queries (a one-off check), and its distances are within 3e-6 of float64's (faiss's expanded
 product: 5e-3 to 8e-3 on WRN-50-2 features). Candidates per query measured 1.6-2.5 for
 efficientnet_lite0 and 7.7-13.5 for WRN-50-2 with random weights
 (``benchmarks/results/cpu_search_zen4.md``).
 
 Scans are cheap because bfloat16 is compared as int16: for non-negative values the bit
-patterns order like the numbers, and torch's int16 reductions run ~6x faster than its
-bfloat16 ones. A negative ``D~`` (rounding around a distance of ~0) orders below every
+patterns order like the numbers, and torch's int16 reductions ran several times faster
+than its bfloat16 ones (a one-off timing). A negative ``D~`` (rounding around a distance of ~0) orders below every
 non-negative one, which is all the screen needs (any bank row may serve as ``m``; the
 threshold is positive). Each query's minimum comes from blocks of ``BLOCK`` bank rows, and only
 the blocks whose minimum passes the threshold are looked at entry by entry.
@@ -66,9 +66,8 @@ import torch
 BLOCK = 64
 """Bank rows per block of the screen's first pass."""
 CELLS = 1 << 22
-"""Screened entries per query chunk (8 MiB of bfloat16): 2^20, 2^21, 2^22 and 2^23 took 50 / 40 / 31 / 36 ms
-on 8,192 lite0 queries against a 2,049-row bank, 165 / 121 / 112 / 99 ms on 23,500 against 2,351 rows, and
-733 / 660 / 630 / 660 ms on 23,500 WRN-50-2 queries (2 threads; faiss 41 / 141 / 956 ms)."""
+"""Screened entries per query chunk (8 MiB of bfloat16): the fastest overall of 2^20-2^23 in a
+one-off sweep on the lite0 and WRN-50-2 features of ``benchmarks/cpu_search_bench.py`` (2 threads)."""
 U_BF16 = 2.0**-8
 """bfloat16's unit roundoff (8 significant bits)."""
 U_FP32 = 2.0**-24
