@@ -37,5 +37,6 @@ bench: $(BENCH_STAMP)
 	$(BENCH_PY) -m benchmarks.coreset_bench
 	$(BENCH_PY) -m benchmarks.run --suite main --anomalib-python $(BENCH_PY) --fedpatch-python $(BENCH_PY)
 	$(BENCH_PY) -m benchmarks.paired_predict
+	$(BENCH_PY) -m benchmarks.run --suite precision --anomalib-python $(BENCH_PY) --fedpatch-python $(BENCH_PY)
 	$(BENCH_PY) -m benchmarks.run --suite scaling --anomalib-python $(BENCH_PY) --fedpatch-python $(BENCH_PY)
 	$(BENCH_PY) -m benchmarks.fit_memory

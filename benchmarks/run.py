@@ -5,6 +5,7 @@
     python -m benchmarks.run --suite index    # fedpatch: exact vs approximate bank search on large banks
     python -m benchmarks.run --suite gpu      # fedpatch on a CUDA GPU vs 2 CPU threads of the same machine
     python -m benchmarks.run --suite parity   # magnetic tiles, 70 training images, three coreset seeds each
+    python -m benchmarks.run --suite precision  # the main matrix: fedpatch float32 and bfloat16 backbones, anomalib
     python -m benchmarks.run --suite tiny     # seconds; what tests/test_benchmarks.py runs
 
 Each (configuration, implementation) pair runs in its own subprocess (``benchmarks.worker``),
@@ -85,6 +86,11 @@ def suite_specs(suite: str) -> list[list[Spec]]:
             [Spec(impl="fedpatch", seed=seed, **{**MATRIX[0], "n_train": 70}), Spec(impl="anomalib", seed=seed, **{**MATRIX[0], "n_train": 70})]
             for seed in (0, 1, 2)
         ]
+    if suite == "precision":
+        # the backbone in bfloat16 (an option that changes results): speed and AUROC effect
+        # against the float32 default and anomalib, same process order rules as the matrix
+        bf16 = dict(label="bfloat16", options={"backbone_precision": "bfloat16"})
+        return [[Spec(impl="fedpatch", **config), Spec(impl="fedpatch", **bf16, **config), *pair(**config)[1:]] for config in MATRIX]
     if suite == "gpu":
         # fedpatch alone (anomalib's dependencies are not installed on the lent GPU machines);
         # each configuration of the matrix on the GPU and on 2 threads of the same machine's CPU,
@@ -135,7 +141,8 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
         "n_train": spec["n_train"],
     }
     keys = ("fit_s", "extract_s", "coreset_s", "coreset_projected_s", "index_s", "fit_cpu_s", "predict_ips", "predict_cpu_ips", "backbone_ips", "backbone_cpu_ips", "fit_peak_mb", "predict_peak_mb", "fit_gpu_mb", "predict_gpu_mb", "warmup_s", "bank_size", "image_auroc", "pixel_auroc", "recall_at_1")
-    main = {**base, "impl": spec["impl"], "device": result.get("device_name", spec.get("device", "cpu")), **{k: result.get(k) for k in keys}, "status": result.get("status")}
+    impl = f"{spec['impl']} {spec['label']}" if spec.get("label") else spec["impl"]
+    main = {**base, "impl": impl, "device": result.get("device_name", spec.get("device", "cpu")), **{k: result.get(k) for k in keys}, "status": result.get("status")}
     if spec.get("seed") is not None:
         main["seed"] = spec["seed"]
     rows = [main]
@@ -147,8 +154,12 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def ratios_of(group: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """fedpatch vs anomalib on one configuration (higher is better for fedpatch)."""
-    by_impl = {r["spec"]["impl"]: r for r in group}
+    """fedpatch vs anomalib on one configuration (higher is better for fedpatch).
+
+    A labelled fedpatch variant of the group (``Spec.label``, e.g. the bfloat16 backbone) adds
+    its own speed ratios against anomalib and its AUROC change against unlabelled fedpatch.
+    """
+    by_impl = {r["spec"]["impl"]: r for r in group if not r["spec"].get("label")}
     ours, theirs = by_impl.get("fedpatch"), by_impl.get("anomalib")
     if ours is None or theirs is None:
         return None
@@ -176,6 +187,15 @@ def ratios_of(group: list[dict[str, Any]]) -> dict[str, Any] | None:
         out[f"predict_vs_backbone[{index}]"] = ratio(variant.get("predict_ips"), variant.get("backbone_ips"))
         out[f"predict_speedup_cpu[{index}]"] = ratio(variant.get("predict_cpu_ips"), theirs.get("predict_cpu_ips"))
         out[f"predict_vs_backbone_cpu[{index}]"] = ratio(variant.get("predict_cpu_ips"), variant.get("backbone_cpu_ips"))
+    for variant in (r for r in group if r["spec"]["impl"] == "fedpatch" and r["spec"].get("label")):
+        name = variant["spec"]["label"]
+        out[f"fit_speedup[{name}]"] = ratio(their_fit, variant.get("fit_s"))
+        out[f"predict_speedup[{name}]"] = ratio(variant.get("predict_ips"), theirs.get("predict_ips"))
+        out[f"predict_speedup_cpu[{name}]"] = ratio(variant.get("predict_cpu_ips"), theirs.get("predict_cpu_ips"))
+        out[f"predict_vs_default[{name}]"] = ratio(variant.get("predict_ips"), ours.get("predict_ips"))
+        for metric in ("image_auroc", "pixel_auroc"):
+            mine, base = variant.get(metric), ours.get(metric)
+            out[f"{metric}_change[{name}]"] = mine - base if isinstance(mine, float) and isinstance(base, float) else None
     return out
 
 
@@ -246,7 +266,7 @@ def write_tables(suite: str, groups: list[list[dict[str, Any]]], out: Path, comm
         writer.writerows(rows)
     text = [f"# benchmark suite `{suite}`\n", f"Command: `{command}`\n", "Times in seconds (wall clock; `_cpu` = process CPU time, less sensitive to other load on the machine), memory = peak resident set size (MiB) of the phase, in its own process; predict and backbone in images per second.\n", markdown(rows)]
     if ratios:
-        text += ["\n## fedpatch vs anomalib (ratios > 1 favour fedpatch; predict_vs_backbone = fedpatch predict / its backbone forward alone)\n", markdown(ratios)]
+        text += ["\n## fedpatch vs anomalib (ratios > 1 favour fedpatch; predict_vs_backbone = fedpatch predict / its backbone forward alone; `[label]` columns: a fedpatch variant, its speed against anomalib, its predict speed against fedpatch's default (`predict_vs_default`) and its AUROC change against fedpatch's default)\n", markdown(ratios)]
     if gpu_ratios:
         text += ["\n## fedpatch on the GPU vs 2 threads of the same machine's CPU (ratios > 1 favour the GPU; `_gpu_mb` = peak GPU memory torch allocated)\n", markdown(gpu_ratios)]
     (out / f"{suite}.md").write_text("\n".join(text))
@@ -286,7 +306,7 @@ def plot_scaling(groups: list[list[dict[str, Any]]], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=("tiny", "main", "scaling", "index", "gpu", "parity"), default="main")
+    parser.add_argument("--suite", choices=("tiny", "main", "scaling", "index", "gpu", "parity", "precision"), default="main")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--anomalib-python", default=str(REPO / ".venv-bench" / "bin" / "python"))
     parser.add_argument("--fedpatch-python", default=sys.executable)
@@ -309,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in group:
             if spec.impl == "fedpatch":
                 spec.indexes = list(indexes) if spec.predict else []
-            label = f"[{number + 1}/{len(specs)}] {spec.impl} ({spec.device}) {spec.backbone} {spec.dataset} {spec.size[0]}x{spec.size[1]} n={spec.n_train}"
+            label = f"[{number + 1}/{len(specs)}] {spec.impl}{' ' + spec.label if spec.label else ''} ({spec.device}) {spec.backbone} {spec.dataset} {spec.size[0]}x{spec.size[1]} n={spec.n_train}"
             if spec.impl == "anomalib" and not have_anomalib:
                 results.append({"spec": asdict(spec), "status": f"anomalib not importable with {args.anomalib_python}"})
                 continue

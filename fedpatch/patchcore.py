@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from fedpatch import allocator
 from fedpatch.anomaly_map import patch_scores_to_maps, reweighted_image_score
 from fedpatch.atomic import atomic_save
-from fedpatch.backbone import FeatureExtractor, get_backbone_spec
+from fedpatch.backbone import PRECISIONS, FeatureExtractor, get_backbone_spec, native_bfloat16_cpu
 from fedpatch.coreset import StreamingCoreset
 from fedpatch.errors import BankValidationError, ModelFileError
 from fedpatch.features import aggregate_features, extract_patch_features, reduce_channels
@@ -69,6 +69,12 @@ class PatchCoreConfig:
             ``"hnsw"`` with optional parameters (``"hnsw:m=32,ef_search=128"``; see
             ``fedpatch.memory_bank.IndexSpec``). Approximate indexes are faster on large banks
             and may change scores slightly (benchmarks report recall@1 and AUROC).
+        backbone_precision: ``"float32"`` (default) or ``"bfloat16"``: the arithmetic of the
+            backbone's forward pass (``fedpatch.backbone``). bfloat16 made the forward pass
+            1.3-1.9x faster on a CPU with native bfloat16 products (AVX512-BF16; AMX and GPUs
+            not measured) and changes the features by about 1% of their magnitude, so the
+            scores move (``benchmarks/results/zen4/precision.md`` reports its AUROC effect).
+            Saved with the model, so fit and predict use the same precision.
     """
 
     backbone: str = "wide_resnet50_2"
@@ -86,6 +92,7 @@ class PatchCoreConfig:
     batch_size: int = 8
     seed: int = 42
     index: str = "flat"
+    backbone_precision: str = "float32"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first out-of-range field."""
@@ -100,6 +107,7 @@ class PatchCoreConfig:
             ("projection_dim", self.projection_dim is None or self.projection_dim >= 1, ">= 1 or null"),
             ("coreset_chunk_size", self.coreset_chunk_size >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("backbone_precision", self.backbone_precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -249,8 +257,14 @@ class PatchCore:
         self.config.validate()
         self.device = resolve_device(device)
         self.progress = progress
+        if self.config.backbone_precision == "bfloat16" and self.device.type == "cpu" and not native_bfloat16_cpu():
+            warnings.warn(
+                "backbone_precision bfloat16 on a CPU without native bfloat16 products (AVX512-BF16 or AMX): "
+                "it is emulated and slower than float32 here", stacklevel=2,
+            )
         self.extractor = FeatureExtractor(
-            self.config.backbone, self.config.layers, pretrained=self.config.pretrained, weights=self.config.weights
+            self.config.backbone, self.config.layers, pretrained=self.config.pretrained, weights=self.config.weights,
+            precision=self.config.backbone_precision,
         ).to(self.device)
         self.config.layers = list(self.extractor.layers)
         backbone_dim = self.extractor.get_feature_dim()

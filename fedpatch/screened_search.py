@@ -63,6 +63,8 @@ import faiss
 import numpy as np
 import torch
 
+from fedpatch.backbone import native_bfloat16_cpu
+
 BLOCK = 64
 """Bank rows per block of the screen's first pass."""
 CELLS = 1 << 22
@@ -233,7 +235,4 @@ def bf16_product_within_bound(product: Callable[[torch.Tensor, torch.Tensor], to
 def available() -> bool:
     """True on a CPU with native bfloat16 products (AVX512-BF16 or AMX) whose product passes
     ``bf16_product_within_bound`` (checked once per process)."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if not any(check is not None and check() for check in checks):
-        return False
-    return bf16_product_within_bound()
+    return native_bfloat16_cpu() and bf16_product_within_bound()

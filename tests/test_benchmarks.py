@@ -47,6 +47,27 @@ def test_ratios_favour_the_faster_implementation() -> None:
     assert rows_of(ours)[0]["backbone"] == "wide_resnet50_2 (random)"
 
 
+def test_labelled_variant_reports_its_speed_and_auroc_change() -> None:
+    """A labelled fedpatch variant (the bfloat16 backbone) does not replace the default in the
+    ratios: it adds its speed against anomalib and the default, and its AUROC change."""
+    spec = {"backbone": "wide_resnet50_2", "pretrained": False, "dataset": "synthetic", "size": [400, 400], "n_train": 5}
+    ours = {"spec": {**spec, "impl": "fedpatch"}, "fit_s": 4.0, "predict_ips": 2.0, "backbone_ips": 2.5, "image_auroc": 0.9, "pixel_auroc": 0.95}
+    low = {"spec": {**spec, "impl": "fedpatch", "label": "bfloat16"}, "fit_s": 2.0, "predict_ips": 3.0, "image_auroc": 0.875, "pixel_auroc": 0.96}
+    theirs = {"spec": {**spec, "impl": "anomalib"}, "fit_s": 8.0, "predict_ips": 1.0, "image_auroc": 0.85}
+    ratios = ratios_of([ours, low, theirs])
+    assert ratios is not None
+    assert ratios["predict_speedup"] == 2.0 and ratios["fit_speedup"] == 2.0  # the default's, unchanged
+    assert ratios["predict_speedup[bfloat16]"] == 3.0 and ratios["fit_speedup[bfloat16]"] == 4.0
+    assert ratios["predict_vs_default[bfloat16]"] == 1.5
+    assert np.isclose(ratios["image_auroc_change[bfloat16]"], -0.025) and np.isclose(ratios["pixel_auroc_change[bfloat16]"], 0.01)
+    assert [row["impl"] for row in rows_of(low)] == ["fedpatch bfloat16"]
+    precision = suite_specs("precision")
+    assert [[(s.impl, s.label, s.options) for s in group] for group in precision[:1]] == [
+        [("fedpatch", "", {}), ("fedpatch", "bfloat16", {"backbone_precision": "bfloat16"}), ("anomalib", "", {})]
+    ]
+    assert [(group[0].backbone, group[0].size) for group in precision] == [(group[0].backbone, group[0].size) for group in suite_specs("main")]
+
+
 def test_rss_monitor_sees_a_phase_peak() -> None:
     monitor = RssMonitor(cap_mb=None, on_cap=lambda phase, rss: None, interval=0.002)
     before = current_rss_mb()

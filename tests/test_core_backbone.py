@@ -118,6 +118,26 @@ def test_forward_rejects_non_rgb_input() -> None:
         extractor(torch.rand(1, 1, 64, 64))
 
 
+def test_bfloat16_precision_changes_features_slightly_and_returns_float32() -> None:
+    """bfloat16 runs the forward pass in bfloat16 (the maps move, by ~1% of their scale) and
+    hands back float32 maps of the same shapes; float32 stays the default."""
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    exact = FeatureExtractor("resnet18", pretrained=False)
+    low = FeatureExtractor("resnet18", pretrained=False, precision="bfloat16")
+    assert exact.precision == "float32"
+    with torch.no_grad():
+        a, b = exact(images), low(images)
+    for layer in exact.layers:
+        assert b[layer].dtype == torch.float32 and b[layer].shape == a[layer].shape
+        relative = float((a[layer] - b[layer]).abs().max() / a[layer].abs().max())
+        assert 1e-4 < relative < 0.05, f"{layer}: bfloat16 moved the features by {relative:.2e} of their scale"
+
+
+def test_unknown_precision_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="precision must be one of float32, bfloat16, got 'float16'"):
+        FeatureExtractor("resnet18", pretrained=False, precision="float16")
+
+
 def test_backbone_stays_frozen_in_train_mode() -> None:
     """``train()`` cannot switch BatchNorm to batch statistics: outputs do not change."""
     extractor = FeatureExtractor("resnet18", pretrained=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
+import fedpatch.patchcore as patchcore_module
 from fedpatch import PatchCore
 from fedpatch.coreset import greedy_coreset_selection
 from fedpatch.errors import BankValidationError, ModelFileError
@@ -378,6 +380,34 @@ def test_cuda_without_gpu_warns_and_runs_on_cpu(
         PatchCore("resnet18", pretrained=False, device="tpu")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_backbone_warns_where_the_cpu_emulates_it(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(patchcore_module, "native_bfloat16_cpu", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PatchCore("resnet18", pretrained=False, device="cpu", backbone_precision="bfloat16")
+    messages = [str(w.message) for w in caught if "bfloat16" in str(w.message)]
+    assert model.extractor.precision == "bfloat16"
+    assert messages == ([] if native else [
+        "backbone_precision bfloat16 on a CPU without native bfloat16 products (AVX512-BF16 or AMX): "
+        "it is emulated and slower than float32 here"
+    ])
+
+
+def test_bfloat16_backbone_is_saved_and_scores_like_a_refit(train_images: list[torch.Tensor], make_images: ImageFactory, tmp_path: Path) -> None:
+    """The precision travels with the model file: the reloaded model extracts in bfloat16 and
+    scores exactly as the fitted one; its scores differ from a float32 model's of the same bank."""
+    model = tiny_model(backbone_precision="bfloat16").fit(train_images[:3])
+    model.save(tmp_path / "bf16.safetensors")
+    loaded = PatchCore.load(tmp_path / "bf16.safetensors", device="cpu")
+    assert loaded.config.backbone_precision == "bfloat16" and loaded.extractor.precision == "bfloat16"
+    image = make_images(1, 64, 64, seed=30)[0]
+    np.testing.assert_array_equal(loaded.predict_single(image), model.predict_single(image))
+    exact = tiny_model()
+    exact.set_memory_bank(model.get_memory_bank())
+    assert not np.array_equal(exact.predict_single(image), model.predict_single(image))
+
+
 def test_unknown_option_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="unknown PatchCore option\\(s\\): coreset_ratio"):
         PatchCore("resnet18", pretrained=False, device="cpu", coreset_ratio=0.1)
@@ -392,6 +422,7 @@ def test_unknown_option_is_a_type_error() -> None:
         ({"num_neighbors": 0}, "num_neighbors"),
         ({"coreset_method": "kmeans"}, "coreset_method"),
         ({"batch_size": 0}, "batch_size"),
+        ({"backbone_precision": "float16"}, "backbone_precision"),
     ],
 )
 def test_out_of_range_options_name_the_field(options: dict[str, object], field: str) -> None:

@@ -50,6 +50,20 @@ def test_fused_extractor_on_gpu_matches_the_cpu() -> None:
         assert error < 1e-2  # cuDNN may use TF32 convolutions (10-bit mantissa)
 
 
+def test_bfloat16_extractor_on_gpu_stays_near_the_float32_cpu_features() -> None:
+    """The opt-in bfloat16 backbone also autocasts on a GPU: float32 maps on the device that
+    differ from the float32 CPU ones by bfloat16's rounding, no more."""
+    images = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(2))
+    cpu = FeatureExtractor("resnet18", pretrained=False)
+    gpu = FeatureExtractor("resnet18", pretrained=False, precision="bfloat16").cuda()
+    with torch.no_grad():
+        expected, got = cpu(images), gpu(images.cuda())
+    for layer in expected:
+        assert got[layer].is_cuda and got[layer].dtype == torch.float32
+        error = float((got[layer].cpu() - expected[layer]).abs().max() / expected[layer].abs().max())
+        assert 1e-4 < error < 0.05
+
+
 def test_patchcore_fit_and_predict_on_gpu() -> None:
     """A GPU model scores like a CPU model holding the same bank; its own fit is the same size."""
     gen = torch.Generator().manual_seed(0)
