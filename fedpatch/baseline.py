@@ -80,6 +80,11 @@ LOCAL_CLIENT = "local"
 """The one participant's id in ``aggregate_banks``."""
 RESULT_SECTIONS = ("model", "data", "evaluation")
 """Config sections that change a centralized result (compared when resuming)."""
+ADDED_KEYS: dict[str, dict[str, Any]] = {"model": {"backbone_precision": "float32"}}
+"""Result-relevant keys added after output folders were first written, with the value every
+run before them had. A config holding that value hashes and compares like one without the key,
+so an output folder of an earlier fedpatch version still resumes instead of being refused as a
+different configuration (or retrained)."""
 METRICS_FILE = "metrics.json"
 RESERVED_NAMES = frozenset({"models", "maps", "overlays", "logs"})
 
@@ -115,19 +120,26 @@ class RunLayout:
 
 
 def config_hash(config: RunConfig) -> str:
-    """Short hash of the result-relevant sections (``RESULT_SECTIONS``)."""
-    relevant = {name: asdict(getattr(config, name)) for name in RESULT_SECTIONS}
+    """Short hash of the result-relevant sections (``RESULT_SECTIONS``); keys of
+    ``ADDED_KEYS`` at their earlier value are left out, so earlier runs keep their hash."""
+    relevant = {}
+    for name in RESULT_SECTIONS:
+        added = ADDED_KEYS.get(name, {})
+        relevant[name] = {k: v for k, v in asdict(getattr(config, name)).items() if k not in added or v != added[k]}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 def config_differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``section.key: old -> new`` for every result-relevant key that differs."""
+    """``section.key: old -> new`` for every result-relevant key that differs (a key of
+    ``ADDED_KEYS`` missing on either side counts as its earlier value)."""
     differences = []
     for section in RESULT_SECTIONS:
         old, new = previous.get(section) or {}, current.get(section) or {}
+        added = ADDED_KEYS.get(section, {})
         for key in sorted(set(old) | set(new)):
-            if old.get(key, "<missing>") != new.get(key, "<missing>"):
-                differences.append(f"{section}.{key}: {old.get(key, '<missing>')!r} -> {new.get(key, '<missing>')!r}")
+            before, after = old.get(key, added.get(key, "<missing>")), new.get(key, added.get(key, "<missing>"))
+            if before != after:
+                differences.append(f"{section}.{key}: {before!r} -> {after!r}")
     return differences
 
 

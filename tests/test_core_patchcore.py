@@ -394,7 +394,7 @@ def test_bfloat16_backbone_warns_where_the_cpu_emulates_it(monkeypatch: pytest.M
     ])
 
 
-def test_bfloat16_backbone_is_saved_and_scores_like_a_refit(train_images: list[torch.Tensor], make_images: ImageFactory, tmp_path: Path) -> None:
+def test_bfloat16_backbone_is_saved_with_the_model(train_images: list[torch.Tensor], make_images: ImageFactory, tmp_path: Path) -> None:
     """The precision travels with the model file: the reloaded model extracts in bfloat16 and
     scores exactly as the fitted one; its scores differ from a float32 model's of the same bank."""
     model = tiny_model(backbone_precision="bfloat16").fit(train_images[:3])

@@ -8,15 +8,18 @@ none) when writing fails.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedpatch import baseline, cli
+from fedpatch.config import RunConfig
 from fedpatch.atomic import atomic_save, atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
 from fedpatch.data.synthetic import generate_autovi_dataset
 from fedpatch.patchcore import read_model_file
@@ -139,6 +142,33 @@ def test_force_redoes_finished_objects(data: Path, uninterrupted: Path, tmp_path
     monkeypatch.setattr(baseline, "train_object", lambda *args: calls.append(args[3]) or real(*args))
     assert cli.main(train_args(data, out)) == 0 and calls == []
     assert cli.main([*train_args(data, out), "--force"]) == 0 and calls == list(OBJECTS)
+    same_results(out, uninterrupted)
+
+
+def test_output_folder_of_an_earlier_version_without_backbone_precision_resumes(
+    data: Path, uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder written before ``model.backbone_precision`` existed (its config.yaml lacks the
+    key; those runs were float32) is the same configuration, with the same hash as before the
+    key: nothing is refused or retrained. bfloat16 there is a difference, named as such."""
+    import shutil
+
+    default = RunConfig()
+    earlier = {name: {k: v for k, v in asdict(getattr(default, name)).items() if k != "backbone_precision"} for name in baseline.RESULT_SECTIONS}
+    assert baseline.config_hash(default) == hashlib.sha256(json.dumps(earlier, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    assert baseline.config_differences(earlier, asdict(default)) == []
+    default.model.backbone_precision = "bfloat16"
+    assert baseline.config_differences(earlier, asdict(default)) == ["model.backbone_precision: 'float32' -> 'bfloat16'"]
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    lines = (out / "config.yaml").read_text().splitlines()
+    assert any("backbone_precision: float32" in line for line in lines)
+    (out / "config.yaml").write_text("\n".join(line for line in lines if "backbone_precision" not in line) + "\n")
+    calls: list[str] = []
+    real = baseline.train_object
+    monkeypatch.setattr(baseline, "train_object", lambda *args: calls.append(args[3]) or real(*args))
+    assert cli.main(train_args(data, out)) == 0 and calls == []
     same_results(out, uninterrupted)
 
 
