@@ -57,7 +57,8 @@ MATRIX: list[dict[str, Any]] = [
 
 def suite_specs(suite: str) -> list[list[Spec]]:
     """Groups of specs; the specs of a group share one configuration (one per implementation)."""
-    pair = lambda **kw: [Spec(impl="fedpatch", **kw), Spec(impl="anomalib", coreset_timeout_s=300, **kw)]  # noqa: E731
+    anomalib = lambda **kw: Spec(impl="anomalib", coreset_timeout_s=300, **kw)  # noqa: E731
+    pair = lambda **kw: [Spec(impl="fedpatch", **kw), anomalib(**kw)]  # noqa: E731
     if suite == "tiny":
         return [pair(backbone=LITE, dataset="magnetic", size=(64, 64), n_train=3, batch_size=2)]
     if suite == "main":
@@ -90,7 +91,7 @@ def suite_specs(suite: str) -> list[list[Spec]]:
         # the backbone in bfloat16 (an option that changes results): speed and AUROC effect
         # against the float32 default and anomalib, same process order rules as the matrix
         bf16 = dict(label="bfloat16", options={"backbone_precision": "bfloat16"})
-        return [[Spec(impl="fedpatch", **config), Spec(impl="fedpatch", **bf16, **config), *pair(**config)[1:]] for config in MATRIX]
+        return [[Spec(impl="fedpatch", **config), Spec(impl="fedpatch", **bf16, **config), anomalib(**config)] for config in MATRIX]
     if suite == "gpu":
         # fedpatch alone (anomalib's dependencies are not installed on the lent GPU machines);
         # each configuration of the matrix on the GPU and on 2 threads of the same machine's CPU,
