@@ -15,7 +15,7 @@ cuDNN's TF32 mode is off inside ``forward`` so GPU features match the CPU's.
 
 ``precision="bfloat16"`` (opt-in; the default is float32) runs the forward pass under
 ``torch.autocast`` with bfloat16 and returns the feature maps as float32. It changes the
-features (about 1.4% of their largest magnitude, WideResNet-50-2) and so the scores, but on a
+features (about 1.4% of their largest magnitude, WideResNet-50-2, a one-off check) and so the scores, but on a
 CPU with native bfloat16 products the forward pass ran 1.84-1.94x faster (WideResNet-50-2) and
 1.28-1.58x (efficientnet_lite0) on 2 Zen 4 cores; ``benchmarks/results/zen4/precision.md``
 reports the speed and the AUROC effect side by side. On a CPU without them (no AVX512-BF16 or
