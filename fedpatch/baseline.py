@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from fedpatch import __version__
 from fedpatch.aggregation import aggregate_banks
-from fedpatch.config import RunConfig, dump_config, load_config
+from fedpatch.config import ADDED_KEYS, RunConfig, dump_config, identity, load_config
 from fedpatch.data import list_objects, load_image
 from fedpatch.data.io import SampleRecord
 from fedpatch.errors import ConfigError, DataError
@@ -80,11 +80,6 @@ LOCAL_CLIENT = "local"
 """The one participant's id in ``aggregate_banks``."""
 RESULT_SECTIONS = ("model", "data", "evaluation")
 """Config sections that change a centralized result (compared when resuming)."""
-ADDED_KEYS: dict[str, dict[str, Any]] = {"model": {"backbone_precision": "float32"}}
-"""Result-relevant keys added after output folders were first written, with the value every
-run before them had. A config holding that value hashes and compares like one without the key,
-so an output folder of an earlier fedpatch version still resumes instead of being refused as a
-different configuration (or retrained)."""
 METRICS_FILE = "metrics.json"
 RESERVED_NAMES = frozenset({"models", "maps", "overlays", "logs"})
 
@@ -120,12 +115,11 @@ class RunLayout:
 
 
 def config_hash(config: RunConfig) -> str:
-    """Short hash of the result-relevant sections (``RESULT_SECTIONS``); keys of
-    ``ADDED_KEYS`` at their earlier value are left out, so earlier runs keep their hash."""
-    relevant = {}
-    for name in RESULT_SECTIONS:
-        added = ADDED_KEYS.get(name, {})
-        relevant[name] = {k: v for k, v in asdict(getattr(config, name)).items() if k not in added or v != added[k]}
+    """Short hash of the result-relevant sections (``RESULT_SECTIONS``) of the config's
+    ``identity`` (keys of ``fedpatch.config.ADDED_KEYS`` at their earlier value are left out, so
+    earlier runs keep their hash)."""
+    sections = identity(config)
+    relevant = {name: sections[name] for name in RESULT_SECTIONS}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 

@@ -370,3 +370,20 @@ def dump_config(config: RunConfig) -> str:
     """The config as YAML (saved next to every run's outputs)."""
     return yaml.safe_dump(asdict(config), sort_keys=False)
 
+
+ADDED_KEYS: dict[str, dict[str, Any]] = {"model": {"backbone_precision": "float32"}}
+"""Keys added after output folders and checkpoints were first written, with the value every
+run before them had. A config holding that value hashes and compares like one without the key
+(``identity``), so the outputs of an earlier fedpatch version still resume instead of being
+refused as a different configuration or redone."""
+
+
+def identity(config: RunConfig) -> dict[str, dict[str, Any]]:
+    """The config as nested dicts (sections and keys in declaration order), without the keys of
+    ``ADDED_KEYS`` that hold their earlier value: what run hashes and checkpoint digests are
+    computed from, so they match those an earlier version computed for the same run."""
+    sections = asdict(config)
+    for section, added in ADDED_KEYS.items():
+        sections[section] = {k: v for k, v in sections[section].items() if k not in added or v != added[k]}
+    return sections
+

@@ -4,6 +4,7 @@ folder does not redo that object, and the final tables hold both."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,11 +12,11 @@ from pathlib import Path
 import pytest
 from flwr.app import Message
 
-from fedpatch.config import config_from_dict
+from fedpatch.config import config_from_dict, dump_config
 from fedpatch.data.synthetic import generate_autovi_dataset
 from fedpatch.errors import ConfigError
 from fedpatch.federated import AppSettings
-from fedpatch.federated.checkpoint import CHECKPOINT
+from fedpatch.federated.checkpoint import CHECKPOINT, ObjectCheckpoint, config_digest, load_checkpoint
 from fedpatch.report import read_results_csv
 from inprocess_grid import InProcessGrid, partition_configs, task_identity  # noqa: F401 - fixture
 from server.server_app import run_federation
@@ -103,3 +104,28 @@ def test_resume_needs_explicit_objects_and_a_boolean() -> None:
         AppSettings.from_run_config({"resume": 1, "objects": "a"})
     assert AppSettings.from_run_config({"resume": True, "objects": "a,b"}).resume is True
     assert AppSettings.from_run_config({}).resume is False
+
+
+def test_a_checkpoint_of_a_version_before_backbone_precision_is_reused(tmp_path: Path) -> None:
+    """Checkpoints written before ``model.backbone_precision`` existed hold the digest of a YAML
+    without that key (those runs were float32): a float32 run reuses them, a bfloat16 run
+    redoes the object."""
+    float32 = config()
+    text = dump_config(float32)
+    assert "backbone_precision: float32" in text
+    earlier = "".join(line for line in text.splitlines(keepends=True) if "backbone_precision" not in line)
+    old_digest = hashlib.sha256(earlier.encode("utf-8")).hexdigest()
+    assert config_digest(float32) == old_digest
+
+    out = tmp_path / "out"
+    ObjectCheckpoint("pipe_clip", old_digest, 1, ["node-0"], []).save(out)
+    (out / "pipe_clip" / "metrics.json").write_text("{}")
+    (out / "models").mkdir()
+    (out / "models" / "patchcore_pipe_clip.pt").write_bytes(b"model")
+    reused = load_checkpoint(out, "pipe_clip", float32)
+    assert reused is not None and reused.digest == old_digest and reused.nodes == ["node-0"]
+
+    bfloat16 = config()
+    bfloat16.model.backbone_precision = "bfloat16"
+    assert config_digest(bfloat16) != old_digest
+    assert load_checkpoint(out, "pipe_clip", bfloat16) is None

@@ -6,7 +6,8 @@ soon as an object is finished, writes its global model and ``metrics.json`` and 
 the object complete; it holds the object's table rows, the clients that failed or whose
 replies were rejected, and its traffic. A run interrupted at any point and started again with
 the same output folder skips every complete object whose checkpoint was made with the same
-configuration (same resolved YAML; otherwise the object is redone) and finally writes the
+configuration (same resolved YAML, where a key added since at its earlier value counts as
+absent: ``fedpatch.config.identity``; otherwise the object is redone) and finally writes the
 folder's tables from all checkpoints.
 """
 
@@ -19,8 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fedpatch.atomic import atomic_write_json
-from fedpatch.config import RunConfig, dump_config
+from fedpatch.config import RunConfig, identity
 from fedpatch.federated.reporting import CommunicationLog, markdown_report, result_rows, with_mean_row, write_run_files
 from fedpatch.federated.strategy import ClientFailure, Rejection, RoundResult, client_order, rejection_summary
 
@@ -29,8 +32,10 @@ CHECKPOINT = "federated.json"
 
 
 def config_digest(config: RunConfig) -> str:
-    """SHA-256 of the resolved configuration (a checkpoint is reused only under the same one)."""
-    return hashlib.sha256(dump_config(config).encode("utf-8")).hexdigest()
+    """SHA-256 of the resolved configuration as YAML (a checkpoint is reused only under the
+    same one). It is taken of the config's ``identity``, so a key added since (at the value
+    earlier runs had) leaves the digest of an earlier version's checkpoint unchanged."""
+    return hashlib.sha256(yaml.safe_dump(identity(config), sort_keys=False).encode("utf-8")).hexdigest()
 
 
 @dataclass
