@@ -71,7 +71,7 @@ def test_screen_keeps_the_nearest_row_and_prunes_the_rest(rng: np.random.Generat
     _, truth = float64_nearest(bank, query)
     pairs = set(zip(rows.tolist(), found.tolist()))
     assert all((i, int(j)) in pairs for i, j in enumerate(truth))
-    per_query = np.bincount(rows.numpy(), minlength=len(query))
+    per_query = np.bincount(rows, minlength=len(query))
     assert per_query.min() >= 1 and per_query.mean() < 3  # of 1,500 rows
 
 
@@ -95,6 +95,21 @@ def test_non_finite_rows_are_left_unmatched(rng: np.random.Generator) -> None:
     distances, indices = ScreenedSearch(bank).nearest(query)
     assert indices.tolist() == [0, -1, 2, -1, 4]
     assert np.isnan(distances[[1, 3]]).all() and np.all(distances[[0, 2, 4]] == 0)
+
+
+def test_pick_orders_by_distance_then_bank_row() -> None:
+    """The pick packs (squared distance, bank row) into one int64 per candidate: the nearest
+    wins across magnitudes (subnormal, 0, large), equal distances go to the lowest row, and
+    query rows without candidates keep what they held."""
+    rows = np.array([0, 0, 0, 2, 2, 2, 2, 3, 3], dtype=np.int64)
+    found = np.array([7, 3, 9, 5, 1, 8, 2, 4, 6], dtype=np.int64)
+    squared = np.array([2.0, 0.5, 1e-40, 4.0, 9.0, 4.0, 4.0, 0.0, 3e38], dtype=np.float32)
+    distances = np.full(5, np.nan, dtype=np.float32)
+    indices = np.full(5, -1, dtype=np.int64)
+    screened_search._pick(rows, found, squared, distances, indices)
+    assert indices.tolist() == [9, -1, 2, 4, -1]
+    assert distances[[0, 2, 3]].tolist() == np.sqrt(np.float32([1e-40, 4.0, 0.0])).tolist()
+    assert np.isnan(distances[[1, 4]]).all()
 
 
 def _bf16_partial_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
