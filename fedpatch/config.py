@@ -386,4 +386,3 @@ def identity(config: RunConfig) -> dict[str, dict[str, Any]]:
     for section, added in ADDED_KEYS.items():
         sections[section] = {k: v for k, v in sections[section].items() if k not in added or v != added[k]}
     return sections
-
