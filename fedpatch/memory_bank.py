@@ -50,8 +50,9 @@ from fedpatch.errors import BankValidationError, ModelFileError
 BANK_FORMAT = "fedpatch-memory-bank/1"
 SCREEN_MIN_DIM = 128
 """Narrower banks stay on faiss: the screened search against faiss on 2 threads
-(``benchmarks/results/cpu_search_zen4.md``) was 0.41x at 32 dims, 0.71x on a 500-row and 0.94x
-on a 2,351-row bank at 64 dims, 1.01x at 128 and 1.15-1.31x at 152."""
+(``benchmarks/results/cpu_search_zen4.md``) was 0.92x at 32 dims, 1.11-1.12x at 64, 1.62x at
+128 and 1.35-1.46x at 152; the run before its index work moved to numpy read 0.41x, 0.71-0.94x,
+1.01x and 1.15-1.31x. 64 dims stays on faiss until a second run or machine confirms the gain."""
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 _INDEX_PARAMS = {"flat": (), "ivf": ("nlist", "nprobe"), "hnsw": ("m", "ef_search")}
 
