@@ -66,13 +66,6 @@ PRECISIONS = ("float32", "bfloat16")
 """Arithmetic of the backbone's forward pass (``FeatureExtractor(precision=...)``)."""
 
 
-def native_bfloat16_cpu() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so bfloat16 work
-    is faster than float32 rather than emulated."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check is not None and check() for check in checks)
-
-
 @dataclass(frozen=True)
 class BackboneSpec:
     """Static facts about one supported backbone."""

@@ -28,10 +28,11 @@ from tqdm.auto import tqdm
 from fedpatch import allocator
 from fedpatch.anomaly_map import patch_scores_to_maps, reweighted_image_score
 from fedpatch.atomic import atomic_save
-from fedpatch.backbone import PRECISIONS, FeatureExtractor, get_backbone_spec, native_bfloat16_cpu
+from fedpatch.backbone import PRECISIONS, FeatureExtractor, get_backbone_spec
 from fedpatch.coreset import StreamingCoreset
 from fedpatch.errors import BankValidationError, ModelFileError
 from fedpatch.features import aggregate_features, extract_patch_features, reduce_channels
+from fedpatch.hardware import native_bfloat16_cpu
 from fedpatch.memory_bank import IndexSpec, MemoryBank
 
 LOGGER = logging.getLogger(__name__)

@@ -63,7 +63,7 @@ import faiss
 import numpy as np
 import torch
 
-from fedpatch.backbone import native_bfloat16_cpu
+from fedpatch.hardware import native_bfloat16_cpu
 
 BLOCK = 64
 """Bank rows per block of the screen's first pass."""
