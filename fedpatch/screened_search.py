@@ -107,7 +107,7 @@ class ScreenedSearch:
         bank = torch.from_numpy(self.vectors)
         blocks = bank.split(BUILD_ROWS)  # temporaries of one block, not of the whole bank
         self.mean = (sum(block.sum(dim=0, dtype=torch.float64) for block in blocks) / rows).float()
-        self.dim, self.rows = dim, rows
+        self.dim = dim
         self.width = dim + EXTRA + (-(dim + EXTRA) % 16)  # whole 32-byte bf16 vectors
         extended = torch.zeros(self.width, rows + (-rows % BLOCK), dtype=torch.bfloat16)
         extended[dim : dim + 2] = 1
