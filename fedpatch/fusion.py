@@ -3,10 +3,12 @@
 A frozen backbone's BatchNorm is a fixed per-channel affine map, so it can be folded into the
 convolution that feeds it (``w' = w * s``, ``b' = (b - mean) * s + beta`` with
 ``s = gamma / sqrt(var + eps)``) and the normalisation pass over every activation disappears.
-Together with the channels-last memory layout on the CPU (see ``FeatureExtractor``) this
-made the backbone forward 1.4-2.0x (WideResNet-50-2) and 2.6-3.3x (efficientnet_lite0)
-faster on 2 CPU cores (``benchmarks/backbone_bench.py``), for a relative change of the
-features of about 3e-6.
+Together with the channels-last memory layout on the CPU (see ``FeatureExtractor``) and the
+padding below, this made the backbone forward 1.11-1.16x (WideResNet-50-2) and 1.70-2.13x
+(efficientnet_lite0) faster on 2 CPU cores (``benchmarks/backbone_bench.py``, two runs on
+2026-11-24, both extractors under fedpatch's malloc settings; 1.4-2.0x and 2.6-3.3x before
+those settings existed, when every freed activation was faulted in afresh), for a relative
+change of the features of about 3e-6.
 
 Which BatchNorm follows which convolution is found by running the stage once and watching the
 tensors: a BatchNorm is folded when its input is the very tensor that a ``Conv2d`` just
@@ -14,14 +16,25 @@ returned. That covers torchvision's and timm's layouts (named ``convN``/``bnN`` 
 ``Sequential`` pairs, timm's ``BatchNormAct2d``) without a table per architecture. The
 rewritten stage is then checked against the original on the same input; a stage whose
 features move by more than ``tolerance`` keeps its original modules.
+
+TensorFlow-ported networks (timm's ``tf_efficientnet_lite*``) pad their strided convolutions
+the "SAME" way, one more zero row/column after than before on even sizes, which timm's
+``Conv2dSame`` does by copying every input into a padded tensor (``F.pad``) before the
+convolution. ``slice_same_padding`` swaps those modules for ``SamePaddedConv2d``, which gets
+the same windows from the convolution's own symmetric padding and drops the surplus output
+rows/columns, so the largest activations of the network are neither zero-filled nor copied:
+the efficientnet_lite0 forward pass ran 1.03-1.09x faster on 2 CPU cores with features equal
+to 2e-6 relative (``benchmarks/backbone_bench.py``'s ``same_padding_speedup``, two runs).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LOGGER = logging.getLogger(__name__)
@@ -110,12 +123,82 @@ def fold_batchnorm(stage: nn.Module, example: torch.Tensor, tolerance: float = 1
         _fold_into(conv, bn)
         _replace(fused, bn, remainder)
         folded += 1
-    if folded == 0:
-        return stage, 0
-    with torch.no_grad():
-        expected, got = stage(example), fused(example)
-    error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
-    if not error <= tolerance:
-        LOGGER.warning("BatchNorm folding changed a backbone stage's output by %.2e; keeping it unfolded", error)
+    if folded == 0 or not _same_output(stage, fused, example, tolerance, "BatchNorm folding", "keeping it unfolded"):
         return stage, 0
     return fused, folded
+
+
+def _same_output(original: nn.Module, rewritten: nn.Module, example: torch.Tensor, tolerance: float, rewrite: str, fallback: str) -> bool:
+    """Whether ``rewritten`` gives ``original``'s output on ``example`` within ``tolerance``
+    (relative to the output's largest magnitude); if not, a warning naming the rewrite."""
+    with torch.no_grad():
+        expected, got = original(example), rewritten(example)
+    error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+    if error <= tolerance:
+        return True
+    LOGGER.warning("%s changed a backbone stage's output by %.2e; %s", rewrite, error, fallback)
+    return False
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int, int]:
+    """How one spatial axis of a "SAME" convolution is computed with symmetric padding.
+
+    "SAME" pads ``total`` zeros, ``left = total // 2`` before and ``right = total - left``
+    after, so that the output has ``ceil(size / stride)`` positions, window ``i`` starting at
+    input position ``stride * i - left``. Padding ``left + stride * shift`` on both sides
+    starts window ``j`` at ``stride * (j - shift) - left``: the same windows from output
+    ``shift`` on, with at least ``right`` zeros after. Returns ``(padding, shift, outputs)``.
+    """
+    outputs = math.ceil(size / stride)
+    total = max((outputs - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    left, right = total // 2, total - total // 2
+    shift = -(-(right - left) // stride)
+    return left + stride * shift, shift, outputs
+
+
+class SamePaddedConv2d(nn.Conv2d):
+    """A convolution with TensorFlow's "SAME" padding and no padded copy of its input.
+
+    The output equals timm's ``Conv2dSame`` (the same sums of the same products); where the
+    padding is asymmetric it is a view that starts ``shift`` rows/columns into the
+    convolution's output (see ``_same_padding``).
+    """
+
+    @classmethod
+    def replacing(cls, conv: nn.Conv2d) -> SamePaddedConv2d:
+        """A ``SamePaddedConv2d`` holding ``conv``'s weight and bias (shared, not copied)."""
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,  # type: ignore[arg-type]
+            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, device="meta",  # type: ignore[arg-type]
+        )  # fmt: skip
+        new.weight = conv.weight
+        new.bias = conv.bias
+        return new.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (pad_h, shift_h, out_h), (pad_w, shift_w, out_w) = (
+            _same_padding(size, kernel, stride, dilation)
+            for size, kernel, stride, dilation in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation)
+        )
+        y = F.conv2d(x, self.weight, self.bias, self.stride, (pad_h, pad_w), self.dilation, self.groups)
+        return y[..., shift_h : shift_h + out_h, shift_w : shift_w + out_w]
+
+
+def slice_same_padding(stage: nn.Module, example: torch.Tensor, tolerance: float = 1e-4) -> tuple[nn.Module, int]:
+    """A copy of ``stage`` whose timm ``Conv2dSame`` modules are ``SamePaddedConv2d``.
+
+    Returns ``(stage, replaced)``; the original ``stage`` and 0 when it has none, or when the
+    copy's output on ``example`` differs from the original's by more than ``tolerance``
+    (relative to the output's largest magnitude), as ``fold_batchnorm`` does.
+    """
+    from timm.layers import Conv2dSame
+
+    if not any(isinstance(module, Conv2dSame) for module in stage.modules()):
+        return stage, 0
+    rewritten = copy.deepcopy(stage).eval()
+    targets = [module for module in rewritten.modules() if isinstance(module, Conv2dSame)]
+    for conv in targets:
+        _replace(rewritten, conv, SamePaddedConv2d.replacing(conv))
+    if not _same_output(stage, rewritten, example, tolerance, "the SAME-padding rewrite", "keeping timm's padding"):
+        return stage, 0
+    return rewritten, len(targets)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from benchmarks.procmem import RssMonitor, current_rss_mb
 from benchmarks.run import gpu_ratios_of, main, ratios_of, rows_of, suite_specs
@@ -139,3 +140,27 @@ def test_coreset_merge_rows_on_one_chunk_match() -> None:
     for key in ("image_auroc", "pixel_auroc", "radius_vs_exact"):
         assert fixed[key] == merged[key], key
     assert 0.0 <= fixed["image_auroc"] <= 1.0 and fixed["radius_vs_exact"] > 0.0
+
+
+def test_backbone_bench_times_the_same_padding_rewrite_on_its_own() -> None:
+    """The benchmark's third extractor is the fused one with timm's padded-copy convolutions
+    put back: the same weights and features, no ``SamePaddedConv2d`` left; none for a backbone
+    without "SAME" padding."""
+    from timm.layers import Conv2dSame
+
+    from benchmarks.backbone_bench import with_timm_padding
+    from fedpatch.backbone import FeatureExtractor
+    from fedpatch.fusion import SamePaddedConv2d
+
+    fused = FeatureExtractor("efficientnet_lite0", pretrained=False)
+    undone = with_timm_padding(fused)
+    assert undone is not None
+    assert not any(isinstance(m, SamePaddedConv2d) for m in undone.modules())
+    assert sum(isinstance(m, Conv2dSame) for m in undone.modules()) == 4
+    assert sum(isinstance(m, SamePaddedConv2d) for m in fused.modules()) == 4  # the original is left alone
+    images = torch.rand(1, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = fused(images), undone(images)
+    for layer in expected:
+        assert float((got[layer] - expected[layer]).abs().max() / expected[layer].abs().max()) < 1e-5
+    assert with_timm_padding(FeatureExtractor("resnet18", pretrained=False)) is None

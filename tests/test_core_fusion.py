@@ -7,10 +7,11 @@ import logging
 import pytest
 import torch
 import torchvision
+from timm.layers import Conv2dSame
 from torch import nn
 
 from fedpatch.backbone import BACKBONES, FeatureExtractor
-from fedpatch.fusion import fold_batchnorm
+from fedpatch.fusion import SamePaddedConv2d, fold_batchnorm, slice_same_padding
 
 
 def _randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
@@ -47,15 +48,61 @@ def test_fused_extractor_has_no_batchnorm_and_same_features(name: str) -> None:
         assert _relative_error(got[layer], expected[layer]) < 1e-5
 
 
-def test_fused_real_lite0_weights_match_the_unfused_network() -> None:
-    """Trained BatchNorm statistics (timm's BatchNormAct2d, 'same' padding) fold exactly."""
+@pytest.mark.parametrize("size", [(96, 120), (97, 131), (96, 131)])
+def test_fused_real_lite0_weights_match_the_unfused_network(size: tuple[int, int]) -> None:
+    """Trained BatchNorm statistics (timm's BatchNormAct2d) fold exactly, and the 'same'
+    padding without input copies gives the same features on even sizes (asymmetric padding),
+    odd sizes (symmetric) and a mix."""
     plain = FeatureExtractor("efficientnet_lite0", pretrained=True, fuse=False)
     fused = FeatureExtractor("efficientnet_lite0", pretrained=True)
-    images = torch.rand(1, 3, 96, 120)
+    assert sum(isinstance(m, Conv2dSame) for m in plain.modules()) == 4  # stem and three strided blocks
+    assert sum(isinstance(m, SamePaddedConv2d) for m in fused.modules()) == 4
+    assert not any(isinstance(m, Conv2dSame) for m in fused.modules())
+    images = torch.rand(1, 3, *size)
     with torch.no_grad():
         expected, got = plain(images), fused(images)
     for layer in expected:
+        assert got[layer].shape == expected[layer].shape
         assert _relative_error(got[layer], expected[layer]) < 1e-5
+
+
+@pytest.mark.parametrize(("kernel", "stride", "dilation", "groups"), [(3, 2, 1, 4), (5, 2, 1, 1), (3, 3, 1, 1), (3, 1, 1, 1), (1, 2, 1, 1), (3, 2, 2, 1), (4, 2, 1, 1)])
+def test_same_padded_conv_equals_timm_conv2d_same(kernel: int, stride: int, dilation: int, groups: int) -> None:
+    """Every input size from 1 to 12 per axis: the same output shape and values as timm's
+    padded copy (float64, so only the order of the sums could differ)."""
+    gen = torch.Generator().manual_seed(kernel * 100 + stride * 10 + dilation)
+    reference = Conv2dSame(4, 8, kernel, stride=stride, dilation=dilation, groups=groups).double().eval()
+    ours = SamePaddedConv2d.replacing(reference)
+    assert ours.weight is reference.weight and ours.bias is reference.bias
+    for height in range(1, 13):
+        for width in (1, 2, 7, 12):
+            x = torch.randn(2, 4, height, width, generator=gen, dtype=torch.float64)
+            with torch.no_grad():
+                expected, got = reference(x), ours(x)
+            assert got.shape == expected.shape, (height, width)
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+class _PadsWithOnes(Conv2dSame):
+    """A 'same' convolution that pads with ones: the rewrite would change its output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.pad(x, (0, 1, 0, 1), value=1.0)
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_same_padding_rewrite_is_checked_and_refused_when_it_changes_the_output(caplog: pytest.LogCaptureFixture) -> None:
+    good = nn.Sequential(Conv2dSame(3, 4, 3, stride=2), nn.ReLU()).eval()
+    rewritten, replaced = slice_same_padding(good, torch.randn(1, 3, 16, 16))
+    assert replaced == 1 and isinstance(rewritten[0], SamePaddedConv2d)
+    assert isinstance(good[0], Conv2dSame) and not isinstance(good[0], SamePaddedConv2d)  # the original is left alone
+    bad = nn.Sequential(_PadsWithOnes(3, 4, 3, stride=2)).eval()
+    with caplog.at_level(logging.WARNING, logger="fedpatch.fusion"):
+        result, replaced = slice_same_padding(bad, torch.randn(1, 3, 16, 16))
+    assert result is bad and replaced == 0
+    assert "keeping timm's padding" in caplog.text
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    assert slice_same_padding(plain, torch.randn(1, 3, 8, 8)) == (plain, 0)
 
 
 def test_fold_uses_conv_bias_and_batchnorm_statistics() -> None:
