@@ -56,7 +56,7 @@ from torch import nn  # noqa: E402
 
 from fedpatch import allocator
 from fedpatch.errors import ModelFileError, WeightsUnavailableError
-from fedpatch.fusion import fold_batchnorm, slice_same_padding
+from fedpatch.fusion import fold_batchnorm, slice_same_padding, use_winograd
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -343,6 +343,7 @@ class FeatureExtractor(nn.Module):
             for stage in self.stages:
                 new_stage, _ = fold_batchnorm(stage, x)
                 new_stage, _ = slice_same_padding(new_stage, x)
+                new_stage, _ = use_winograd(new_stage, x)
                 fused.append(new_stage)
                 x = stage(x)
         self.stages = nn.ModuleList(fused)

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedpatch.winograd import WinogradConv2d
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -200,5 +202,31 @@ def slice_same_padding(stage: nn.Module, example: torch.Tensor, tolerance: float
     for conv in targets:
         _replace(rewritten, conv, SamePaddedConv2d.replacing(conv))
     if not _same_output(stage, rewritten, example, tolerance, "the SAME-padding rewrite", "keeping timm's padding"):
+        return stage, 0
+    return rewritten, len(targets)
+
+
+def use_winograd(stage: nn.Module, example: torch.Tensor, tolerance: float = 1e-4) -> tuple[nn.Module, int]:
+    """A copy of ``stage`` whose eligible 3x3 convolutions are ``WinogradConv2d``
+    (``fedpatch.winograd``: ``WinogradConv2d.applies_to``).
+
+    Returns ``(stage, replaced)``; the original ``stage`` and 0 when it has none, or when the
+    copy's output on ``example``, computed with the Winograd path whatever the example's size,
+    differs from the original's by more than ``tolerance`` (as ``fold_batchnorm`` does).
+    """
+    if not any(WinogradConv2d.applies_to(module) for module in stage.modules()):
+        return stage, 0
+    rewritten = copy.deepcopy(stage).eval()
+    targets = [module for module in rewritten.modules() if WinogradConv2d.applies_to(module)]
+    replacements = [WinogradConv2d.replacing(conv) for conv in targets]  # type: ignore[arg-type]
+    for conv, replacement in zip(targets, replacements):
+        _replace(rewritten, conv, replacement)
+        replacement.min_tiles = 0  # the probe is small: check the Winograd path itself
+    try:
+        same = _same_output(stage, rewritten, example, tolerance, "Winograd convolution", "keeping direct convolutions")
+    finally:
+        for replacement in replacements:
+            del replacement.min_tiles
+    if not same:
         return stage, 0
     return rewritten, len(targets)

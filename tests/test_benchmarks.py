@@ -164,3 +164,28 @@ def test_backbone_bench_times_the_same_padding_rewrite_on_its_own() -> None:
     for layer in expected:
         assert float((got[layer] - expected[layer]).abs().max() / expected[layer].abs().max()) < 1e-5
     assert with_timm_padding(FeatureExtractor("resnet18", pretrained=False)) is None
+
+
+def test_backbone_bench_times_the_winograd_rewrite_on_its_own() -> None:
+    """The benchmark's Winograd ablation is the fused extractor with direct convolutions put
+    back: the same weights, no ``WinogradConv2d`` left, features equal to 1e-5; none for a
+    backbone without Winograd convolutions."""
+    from benchmarks.backbone_bench import with_direct_convolutions
+    from fedpatch.backbone import FeatureExtractor
+    from fedpatch.winograd import WinogradConv2d
+
+    fused = FeatureExtractor("resnet50", pretrained=False)
+    undone = with_direct_convolutions(fused)
+    assert undone is not None
+    assert not any(isinstance(m, WinogradConv2d) for m in undone.modules())
+    assert sum(isinstance(m, WinogradConv2d) for m in fused.modules()) == 5  # the original is left alone
+    fast = [m for m in fused.modules() if isinstance(m, WinogradConv2d)]
+    direct = [m for m in undone.modules() if type(m) is torch.nn.Conv2d and m.kernel_size == (3, 3) and m.in_channels == 256 and m.stride == (1, 1)]
+    assert len(direct) == 5 and all(torch.equal(d.weight, f.weight) and torch.equal(d.bias, f.bias) for d, f in zip(direct, fast))
+    fused.stages[-1].apply(lambda m: setattr(m, "min_tiles", 0) if isinstance(m, WinogradConv2d) else None)
+    images = torch.rand(1, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = fused(images), undone(images)
+    for layer in expected:
+        assert float((got[layer] - expected[layer]).abs().max() / expected[layer].abs().max()) < 1e-5
+    assert with_direct_convolutions(FeatureExtractor("efficientnet_lite0", pretrained=False)) is None
