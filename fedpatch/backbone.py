@@ -10,15 +10,17 @@ normalisation that the weights were trained with (ImageNet mean/std for torchvis
 mean = std = 0.5 for the TF-ported EfficientNet-Lite weights).
 
 For speed the frozen network is rewritten once it is built: BatchNorm is folded into the
-convolutions, "SAME"-padded convolutions stop copying their inputs into padded tensors
-(``fedpatch.fusion``) and CPU inputs run in the channels-last layout; on a GPU
+convolutions, "SAME"-padded convolutions stop copying their inputs into padded tensors,
+wide 3x3 convolutions run Winograd's algorithm on CPU float32 inputs (``fedpatch.fusion``,
+``fedpatch.winograd``) and CPU inputs run in the channels-last layout; on a GPU
 cuDNN's TF32 mode is off inside ``forward`` so GPU features match the CPU's.
 
 ``precision="bfloat16"`` (opt-in; the default is float32) runs the forward pass under
 ``torch.autocast`` with bfloat16 and returns the feature maps as float32. It changes the
 features (about 1.4% of their largest magnitude, WideResNet-50-2, a one-off check) and so the scores, but on a
-CPU with native bfloat16 products the forward pass ran 1.84-1.94x faster (WideResNet-50-2) and
-1.28-1.58x (efficientnet_lite0) on 2 Zen 4 cores; ``benchmarks/results/zen4/precision.md``
+CPU with native bfloat16 products the forward pass ran 1.59-2.13x faster (WideResNet-50-2,
+against the float32 pass with Winograd convolutions, which bfloat16 does not use) and
+1.23-1.58x (efficientnet_lite0) on 2 Zen 4 cores; ``benchmarks/results/zen4/precision.md``
 reports the speed and the AUROC effect side by side. On a CPU without them (no AVX512-BF16 or
 AMX) bfloat16 is emulated and slower than float32, so ``PatchCore`` warns.
 
@@ -279,9 +281,11 @@ class FeatureExtractor(nn.Module):
         weights: a local state-dict file (``.safetensors``, ``.pt``, ``.pth``) used instead of
             the default weights source.
         fuse: fold BatchNorm into the convolutions, pad "SAME" convolutions without copying
-            their inputs (``fedpatch.fusion``) and, on the CPU, run in the channels-last memory
-            layout: the same features to ~3e-6 relative, 1.11-1.16x (WideResNet-50-2) and
-            1.70-2.13x (efficientnet_lite0) faster on 2 CPU cores (``benchmarks/backbone_bench.py``).
+            their inputs, compute wide 3x3 convolutions with Winograd's algorithm on CPU float32
+            inputs (``fedpatch.fusion``, ``fedpatch.winograd``) and, on the CPU, run in the
+            channels-last memory layout: the same features to ~3e-6 relative, 1.37-1.39x
+            (WideResNet-50-2) and 1.68-1.96x (efficientnet_lite0) faster on 2 CPU cores
+            (``benchmarks/backbone_bench.py``, 2026-11-24).
             GPU inputs stay in the default layout: there cuDNN compiled a new channels-last
             depthwise kernel for each new input shape (~1.7 s per shape on an H100, against
             ~40 ms), while warm calls were equally fast in both. ``False`` keeps

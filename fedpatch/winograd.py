@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 OUTPUT_TILE = 4
@@ -55,9 +54,15 @@ position's product appears unchanged in all 16 outputs, which is how the bias is
 BAND_BYTES = 32 << 20
 """Most bytes of transformed input tiles held at once (bands of tile rows)."""
 MIN_TILES = 64
-"""Fewer tiles (4x4 output blocks, whole batch) than this run as a direct convolution."""
+"""Fewer tiles (4x4 output blocks, whole batch) than this run as a direct convolution: the
+transforms are ~100 small tensor operations per call, whatever the map's size (one-off, 2
+threads: 512 channels on 2 x 8x8, 8 tiles, broke even; 256 channels on 16x16, 16 tiles, ran
+0.75x; 8 x 16x16, 128 tiles, 2.1x)."""
 MIN_CHANNELS = 256
-"""Convolutions with fewer input or output channels stay direct."""
+"""Convolutions with fewer input or output channels stay direct: at 128 channels the 36
+matrix products ran at ~120 GFLOP/s against the direct convolution's ~220 and the transforms
+cost as much as the products, so nothing was gained (0.87-1.32x across runs and shapes);
+1.5-1.9x at 256 channels and 2.1-2.4x at 512 (one-off, 2 threads)."""
 
 
 def transform_filters(weight: torch.Tensor) -> torch.Tensor:
