@@ -18,8 +18,9 @@ runs only in float32 on the CPU; on GPUs (cuDNN picks its own algorithms), under
 outweighs the saved products) it is the ordinary convolution.
 
 Memory: the transformed filters take 4x the filter's memory (the filter is kept for the direct
-path), and the transformed input and output tiles 2.25x an input and output band each, in bands
-of at most ``BAND_BYTES`` of transformed input, whatever the batch.
+path): 217 MiB for WideResNet-50-2 up to layer3, carried along unused when the extractor moves
+to a GPU. The transformed input and output tiles take 2.25x an input and output band each, in
+bands of at most ``BAND_BYTES`` of transformed input, whatever the batch.
 """
 
 from __future__ import annotations
