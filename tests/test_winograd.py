@@ -151,3 +151,27 @@ def test_wide_resnet_features_match_the_plain_network_on_the_winograd_path(monke
     assert len(calls) == 3
     for layer in expected:
         assert _relative_error(got[layer], expected[layer]) < 1e-5
+
+
+def test_folded_stage_with_trained_like_statistics_keeps_its_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With non-trivial BatchNorm statistics folded into the filters (per-channel scales as
+    trained weights have them), WRN-50-2's layer2 with its three Winograd convolutions running
+    still gives the unfolded stage's output to the fused extractor's usual 1e-5."""
+    from test_core_fusion import _randomise_batchnorm
+
+    from fedpatch.fusion import fold_batchnorm
+
+    plain = FeatureExtractor("wide_resnet50_2", pretrained=False, fuse=False)
+    _randomise_batchnorm(plain, seed=3)
+    stage = plain.stages[plain.stage_names.index("layer2")]
+    gen = torch.Generator().manual_seed(6)
+    probe = torch.rand(1, 256, 16, 16, generator=gen)
+    folded, _ = fold_batchnorm(stage, probe)
+    rewritten, replaced = use_winograd(folded, probe)
+    assert replaced == 3
+    calls = _counting(monkeypatch)
+    x = torch.rand(1, 256, 64, 64, generator=gen).contiguous(memory_format=torch.channels_last)  # layer2 at 32x32: 64 tiles
+    with torch.no_grad():
+        expected, got = stage(x), rewritten(x)
+    assert len(calls) == 3
+    assert _relative_error(got, expected) < 1e-5
