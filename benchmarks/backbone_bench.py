@@ -15,7 +15,6 @@ convolutions) the direct ``nn.Conv2d`` put back (``winograd_speedup``).
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 from fedpatch.backbone import FeatureExtractor
-from fedpatch.fusion import SamePaddedConv2d
+from fedpatch.fusion import SamePaddedConv2d, swap_modules
 from fedpatch.winograd import WinogradConv2d
 
 CONFIGS = [
@@ -52,14 +51,8 @@ def _median_seconds(extractor: FeatureExtractor, images: torch.Tensor, calls: in
 def _put_back(extractor: FeatureExtractor, kind: type[nn.Module], rebuild: Callable[[nn.Module], nn.Module]) -> FeatureExtractor | None:
     """A copy of ``extractor`` with each ``kind`` module replaced by ``rebuild(module)``, or None
     when it has none: the fused extractor without that one rewrite."""
-    if not any(isinstance(module, kind) for module in extractor.modules()):
-        return None
-    copied = copy.deepcopy(extractor)
-    for parent in copied.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, kind):
-                setattr(parent, name, rebuild(child).eval())
-    return copied
+    swapped = swap_modules(extractor, lambda module: isinstance(module, kind), lambda module: rebuild(module).eval())
+    return None if swapped is None else swapped[0]  # type: ignore[return-value]
 
 
 def _timm_conv(conv: nn.Module) -> nn.Module:

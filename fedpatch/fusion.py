@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +192,19 @@ class SamePaddedConv2d(nn.Conv2d):
         return y[..., shift_h : shift_h + out_h, shift_w : shift_w + out_w]
 
 
+def swap_modules(root: nn.Module, is_target: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]) -> tuple[nn.Module, list[nn.Module]] | None:
+    """An eval-mode copy of ``root`` with each module ``is_target`` accepts replaced by
+    ``make(module)``, and the replacements; None when ``root`` has no such module."""
+    if not any(is_target(module) for module in root.modules()):
+        return None
+    copied = copy.deepcopy(root).eval()
+    replacements = []
+    for module in [module for module in copied.modules() if is_target(module)]:
+        replacements.append(make(module))
+        _replace(copied, module, replacements[-1])
+    return copied, replacements
+
+
 def slice_same_padding(stage: nn.Module, example: torch.Tensor, tolerance: float = 1e-4) -> tuple[nn.Module, int]:
     """A copy of ``stage`` whose timm ``Conv2dSame`` modules are ``SamePaddedConv2d``.
 
@@ -200,15 +214,10 @@ def slice_same_padding(stage: nn.Module, example: torch.Tensor, tolerance: float
     """
     from timm.layers import Conv2dSame
 
-    if not any(isinstance(module, Conv2dSame) for module in stage.modules()):
+    swapped = swap_modules(stage, lambda module: isinstance(module, Conv2dSame), SamePaddedConv2d.replacing)  # type: ignore[arg-type]
+    if swapped is None or not _same_output(stage, swapped[0], example, tolerance, "the SAME-padding rewrite", "keeping timm's padding"):
         return stage, 0
-    rewritten = copy.deepcopy(stage).eval()
-    targets = [module for module in rewritten.modules() if isinstance(module, Conv2dSame)]
-    for conv in targets:
-        _replace(rewritten, conv, SamePaddedConv2d.replacing(conv))
-    if not _same_output(stage, rewritten, example, tolerance, "the SAME-padding rewrite", "keeping timm's padding"):
-        return stage, 0
-    return rewritten, len(targets)
+    return swapped[0], len(swapped[1])
 
 
 def use_winograd(stage: nn.Module, example: torch.Tensor, tolerance: float = 1e-4) -> tuple[nn.Module, int]:
@@ -219,13 +228,11 @@ def use_winograd(stage: nn.Module, example: torch.Tensor, tolerance: float = 1e-
     copy's output on ``example``, computed with the Winograd path whatever the example's size,
     differs from the original's by more than ``tolerance`` (as ``fold_batchnorm`` does).
     """
-    if not any(WinogradConv2d.applies_to(module) for module in stage.modules()):
+    swapped = swap_modules(stage, WinogradConv2d.applies_to, WinogradConv2d.replacing)  # type: ignore[arg-type]
+    if swapped is None:
         return stage, 0
-    rewritten = copy.deepcopy(stage).eval()
-    targets = [module for module in rewritten.modules() if WinogradConv2d.applies_to(module)]
-    replacements = [WinogradConv2d.replacing(conv) for conv in targets]  # type: ignore[arg-type]
-    for conv, replacement in zip(targets, replacements):
-        _replace(rewritten, conv, replacement)
+    rewritten, replacements = swapped
+    for replacement in replacements:
         replacement.min_tiles = 0  # the probe is small: check the Winograd path itself
     try:
         same = _same_output(stage, rewritten, example, tolerance, "Winograd convolution", "keeping direct convolutions")
@@ -234,4 +241,4 @@ def use_winograd(stage: nn.Module, example: torch.Tensor, tolerance: float = 1e-
             del replacement.min_tiles
     if not same:
         return stage, 0
-    return rewritten, len(targets)
+    return rewritten, len(replacements)

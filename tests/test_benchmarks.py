@@ -142,6 +142,15 @@ def test_coreset_merge_rows_on_one_chunk_match() -> None:
     assert 0.0 <= fixed["image_auroc"] <= 1.0 and fixed["radius_vs_exact"] > 0.0
 
 
+def _assert_same_features(got_extractor: torch.nn.Module, expected_extractor: torch.nn.Module) -> None:
+    """Both extractors give the same features, to 1e-5 of each layer's largest, on one 64x80 image."""
+    images = torch.rand(1, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = expected_extractor(images), got_extractor(images)
+    for layer in expected:
+        assert float((got[layer] - expected[layer]).abs().max() / expected[layer].abs().max()) < 1e-5
+
+
 def test_backbone_bench_times_the_same_padding_rewrite_on_its_own() -> None:
     """The benchmark's third extractor is the fused one with timm's padded-copy convolutions
     put back: the same weights and features, no ``SamePaddedConv2d`` left; none for a backbone
@@ -158,11 +167,7 @@ def test_backbone_bench_times_the_same_padding_rewrite_on_its_own() -> None:
     assert not any(isinstance(m, SamePaddedConv2d) for m in undone.modules())
     assert sum(isinstance(m, Conv2dSame) for m in undone.modules()) == 4
     assert sum(isinstance(m, SamePaddedConv2d) for m in fused.modules()) == 4  # the original is left alone
-    images = torch.rand(1, 3, 64, 80, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected, got = fused(images), undone(images)
-    for layer in expected:
-        assert float((got[layer] - expected[layer]).abs().max() / expected[layer].abs().max()) < 1e-5
+    _assert_same_features(undone, fused)
     assert with_timm_padding(FeatureExtractor("resnet18", pretrained=False)) is None
 
 
@@ -183,9 +188,5 @@ def test_backbone_bench_times_the_winograd_rewrite_on_its_own() -> None:
     direct = [m for m in undone.modules() if type(m) is torch.nn.Conv2d and m.kernel_size == (3, 3) and m.in_channels == 256 and m.stride == (1, 1)]
     assert len(direct) == 5 and all(torch.equal(d.weight, f.weight) and torch.equal(d.bias, f.bias) for d, f in zip(direct, fast))
     fused.stages[-1].apply(lambda m: setattr(m, "min_tiles", 0) if isinstance(m, WinogradConv2d) else None)
-    images = torch.rand(1, 3, 64, 80, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected, got = fused(images), undone(images)
-    for layer in expected:
-        assert float((got[layer] - expected[layer]).abs().max() / expected[layer].abs().max()) < 1e-5
+    _assert_same_features(undone, fused)
     assert with_direct_convolutions(FeatureExtractor("efficientnet_lite0", pretrained=False)) is None
