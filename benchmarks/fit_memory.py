@@ -12,8 +12,11 @@ Each setting runs in its own process (peak RSS from ``ru_maxrss``), side by side
 ``sized`` (the default: ``fit`` knows the image count and sizes the bank once) against
 ``unsized`` (an iterable without ``len``: the bank array grows by doubling), then ``real``: the
 whole fit with the real (randomly initialised) WideResNet on random-noise images, end to end.
+``--curve`` runs only ``real``, once per image count, and writes the curve of peak memory and
+fit time against the count (``fit_memory_curve.md`` and ``.png`` beside ``--out``).
 
     python -m benchmarks.fit_memory [--images 300] [--out benchmarks/results/fit_memory.md]
+    python -m benchmarks.fit_memory --curve 25 50 100 200 300
 """
 
 from __future__ import annotations
@@ -64,24 +67,77 @@ def worker(images: int, sized: bool, real_backbone: bool = False) -> dict[str, f
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     bank_mb = model.memory_bank.vectors.nbytes / 2**20
     return {"images": images, "sized": sized, "backbone": "real" if real_backbone else "stub", "patches": model.fit_stats.patches_seen, "bank_rows": model.fit_stats.bank_size,
-            "bank_mb": bank_mb, "peak_mb": peak, "before_fit_mb": before, "fit_s": seconds, "coreset_s": model.fit_stats.coreset_seconds}
+            "bank_mb": bank_mb, "peak_mb": peak, "before_fit_mb": before, "fit_s": seconds, "extract_s": model.fit_stats.extract_seconds,
+            "coreset_s": model.fit_stats.coreset_seconds}
+
+
+def run_worker(images: int, mode: str) -> dict[str, float]:
+    """One ``worker`` in a fresh process (its own peak RSS); its result."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.fit_memory", "--images", str(images), "--worker", mode],
+                          check=True, capture_output=True, text=True)
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(result, flush=True)
+    return result
+
+
+def write_curve(rows: list[dict[str, float]], out: Path) -> None:
+    """The real fits at several image counts: a Markdown table at ``out`` and its plot beside it
+    (``out`` with the suffix ``.png``): peak RSS and bank size, and fit, extraction and coreset
+    time, against the count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["images"])
+    lines = [
+        "# fit memory and time against training images (real WRN-50-2, 1000x750)", "",
+        f"Command: `python -m benchmarks.fit_memory --curve {' '.join(str(int(r['images'])) for r in rows)}`. One process per "
+        "count: the real (randomly initialised) WideResNet-50-2 on random-noise images, the bank sized once; peak RSS of the "
+        "process (`ru_maxrss`). 'peak - bank' is what the fit holds besides its output.", "",
+        "| images | patches | bank rows | bank MiB | peak RSS MiB | peak - bank MiB | fit s | extraction s | coreset s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['images']} | {r['patches']:,} | {r['bank_rows']:,} | {r['bank_mb']:,.0f} | {r['peak_mb']:,.0f} | "
+                     f"{r['peak_mb'] - r['bank_mb']:,.0f} | {r['fit_s']:.0f} | {r['extract_s']:.0f} | {r['coreset_s']:.0f} |")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    counts = [r["images"] for r in rows]
+    fig, (memory, times) = plt.subplots(1, 2, figsize=(10, 3.8))
+    memory.plot(counts, [r["peak_mb"] / 1024 for r in rows], marker="o", label="peak RSS")
+    memory.plot(counts, [r["bank_mb"] / 1024 for r in rows], marker="s", label="bank (the output)")
+    memory.plot(counts, [(r["peak_mb"] - r["bank_mb"]) / 1024 for r in rows], marker="^", label="peak - bank")
+    memory.axhline(4e9 / 2**30, color="grey", linestyle=":", label="4 GB")
+    memory.set_title("memory (GiB)")
+    for key, label in (("fit_s", "fit"), ("extract_s", "feature extraction"), ("coreset_s", "coreset")):
+        times.plot(counts, [r[key] for r in rows], marker="o", label=label)
+    times.set_title("time (s), 2 CPU threads")
+    for ax in (memory, times):
+        ax.set_xlabel("training images (1000x750)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("fedpatch fit, wide_resnet50_2 (random weights), layers 2+3, coreset 10 %")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=80)
+    plt.close(fig)
+    print("\n".join(lines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fit_memory.md"))
+    parser.add_argument("--curve", type=int, nargs="+", metavar="IMAGES", help="real fits at these image counts only")
     parser.add_argument("--worker", choices=["sized", "unsized", "real"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.images, args.worker != "unsized", real_backbone=args.worker == "real")))
         return
-    rows = []
-    for mode in ("sized", "unsized", "real"):
-        done = subprocess.run([sys.executable, "-m", "benchmarks.fit_memory", "--images", str(args.images), "--worker", mode],
-                              check=True, capture_output=True, text=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+    if args.curve:
+        write_curve([run_worker(images, "real") for images in args.curve], args.out.with_name("fit_memory_curve.md"))
+        return
+    rows = [run_worker(args.images, mode) for mode in ("sized", "unsized", "real")]
     lines = [
         "# fit memory at full scale (WRN-50-2 feature shape, 1000x750)", "",
         f"Command: `python -m benchmarks.fit_memory --images {args.images}`. First two rows: backbone output replaced by random "

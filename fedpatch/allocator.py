@@ -25,12 +25,15 @@ settles: a 64 MiB tensor made and freed over and over was faulted in afresh 3 to
 then never again.)
 
 ``release_free_memory`` hands the retained memory back: ``FeatureExtractor`` calls it once
-built, ``PatchCore.fit`` after each coreset chunk it reduces and when it ends.
+built, ``PatchCore.fit`` after each batch's patches are buffered and when it ends.
 ``benchmarks.fit_memory``'s 300-image fit at 1000x750 with WRN-shaped random features peaked
-at 3,870 MiB without those calls, 3,446 with them and 3,371 under glibc's defaults; through
-the real WideResNet, 3,688 / 3,618 / 3,339 MiB (the backbone's freed activations are kept
-between chunks). Prediction keeps the memory, so that a caller scoring one image per call
-does not pay the page faults again on every call.
+at 3,870 MiB without those calls, 3,446 with them (then only after each reduced coreset chunk)
+and 3,371 under glibc's defaults; through the real WideResNet, 3,688 / 3,618 / 3,339 MiB.
+Releasing only after a chunk let the passes in between start on a heap whose freed blocks the
+coreset's work had partly taken over, so they grew it: the real fit's peak read 3,756-3,860
+MiB that way and 3,505-3,645 with a release before every pass (2026-11-24), at no measurable cost
+in fit time (one-off: WRN 256x256 and 1000x750, lite0 256x256). Prediction keeps the memory,
+so that a caller scoring one image per call does not pay the page faults again on every call.
 
 The settings hold only inside fedpatch's own work (``tuned``: the backbone's forward pass,
 ``PatchCore.fit``, each batch of a prediction), not process-wide: other code in the process

@@ -61,13 +61,6 @@ def _as_float_tensor(features: ArrayLike) -> torch.Tensor:
     return tensor.float()
 
 
-def _shares_memory(tensor: torch.Tensor, source: ArrayLike) -> bool:
-    """Whether a CPU ``tensor`` aliases the caller's ``source`` buffer."""
-    if isinstance(source, torch.Tensor):
-        return source.device.type == "cpu" and tensor.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
-    return bool(np.shares_memory(tensor.numpy(), np.asarray(source)))
-
-
 def _check_target(target_size: int, n: int) -> None:
     if not isinstance(target_size, (int, np.integer)) or isinstance(target_size, bool):
         raise TypeError(f"target_size must be an int, got {type(target_size).__name__}")
@@ -193,9 +186,12 @@ gained nothing more. On a 128-d projection the full-dimension radius moved less 
 class StreamingCoreset:
     """Bounded-memory greedy (or random) coreset over a stream of patch batches.
 
-    Patches are buffered up to ``chunk_size`` rows; each full chunk runs its own greedy
-    traversal for ``OVERSELECT`` times its share (``ceil(ratio * rows)``) of picks and the buffer
-    is freed. The bank keeps ``bank_rows(patches)`` of those picks in all: those with the largest
+    Patches are copied into one ``chunk_size``-row buffer, allocated once and reused; each full
+    chunk runs its own greedy traversal for ``OVERSELECT`` times its share
+    (``ceil(ratio * rows)``) of picks. (Copying each batch in, rather than keeping the batches
+    and concatenating them at the reduction, holds one chunk instead of up to three: the
+    batches the chunk spans, whole, and their concatenation; ``benchmarks/results/fit_memory.md``.)
+    The bank keeps ``bank_rows(patches)`` of those picks in all: those with the largest
     pick distance (each pick's distance to its chunk's earlier picks), which, since a
     traversal's pick distances never increase, is a prefix of every chunk's traversal and gives
     more picks to the chunks that are harder to cover. With fixed shares the coverage radius of
@@ -242,7 +238,7 @@ class StreamingCoreset:
         self.seed = seed
         self.progress = progress
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self._buffer: list[torch.Tensor] = []
+        self._buffer: torch.Tensor | None = None  # [chunk_size, D], allocated by the first add
         self._buffered = 0
         self._bank: np.ndarray | None = None
         self._gaps = np.empty(0)  # per bank row: its pick distance (inf: always kept)
@@ -296,22 +292,26 @@ class StreamingCoreset:
 
     def add(self, features: torch.Tensor) -> None:
         """Buffer a batch of patch features ``[n, D]``; reduce every full chunk."""
-        source = features
         features = _as_float_tensor(features).detach().cpu()
-        if _shares_memory(features, source):
-            features = features.clone()  # the caller may reuse its buffer after add() returns
+        if self._buffer is None:
+            # torch.empty touches no pages: a fit smaller than one chunk holds only its own rows
+            self._buffer = torch.empty((self.chunk_size, features.shape[1]), dtype=torch.float32)
+        elif features.shape[1] != self._buffer.shape[1]:
+            raise ValueError(f"patch features have {features.shape[1]} dims, earlier batches had {self._buffer.shape[1]}")
         self.patches_seen += features.shape[0]
-        while features.shape[0] > 0:
-            take = min(self.chunk_size - self._buffered, features.shape[0])
-            self._buffer.append(features[:take])
+        start = 0
+        while start < features.shape[0]:
+            take = min(self.chunk_size - self._buffered, features.shape[0] - start)
+            self._buffer[self._buffered : self._buffered + take].copy_(features[start : start + take])
             self._buffered += take
-            features = features[take:]
+            start += take
             if self._buffered == self.chunk_size:
                 self._reduce_buffer()
 
     def _reduce_buffer(self) -> None:
-        chunk = torch.cat(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-        self._buffer, self._buffered = [], 0
+        assert self._buffer is not None
+        chunk = self._buffer[: self._buffered]  # read only until the next add overwrites it
+        self._buffered = 0
         self._reduced += chunk.shape[0]
         target = coreset_size(chunk.shape[0], self.ratio)
         seed = self.seed + self._chunks
@@ -343,6 +343,7 @@ class StreamingCoreset:
         """
         if self._buffered:
             self._reduce_buffer()
+        self._buffer = None
         if self._bank is None:
             raise ValueError("no features were added to the coreset")
         target = self.bank_rows(self._reduced)

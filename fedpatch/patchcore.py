@@ -317,10 +317,11 @@ class PatchCore:
                     if stats.images == 0 and n_images:  # size the bank once (images of one size)
                         coreset.reserve(n_images * (patches.shape[0] // batch.shape[0]))
                     start = time.perf_counter()
-                    chunks = coreset.chunks
                     coreset.add(patches)
-                    if coreset.chunks != chunks:  # a chunk was reduced: hand its temporaries back,
-                        allocator.release_free_memory()  # so RSS stays bounded by one chunk (fedpatch.allocator)
+                    del patches
+                    # Each backbone pass starts on a trimmed heap: freed blocks that other work took
+                    # over in between would otherwise make it grow the heap (fedpatch.allocator).
+                    allocator.release_free_memory()
                     stats.coreset_seconds += time.perf_counter() - start
                     stats.images += batch.shape[0]
                     bar.update(batch.shape[0])

@@ -190,3 +190,20 @@ def test_backbone_bench_times_the_winograd_rewrite_on_its_own() -> None:
     fused.stages[-1].apply(lambda m: setattr(m, "min_tiles", 0) if isinstance(m, WinogradConv2d) else None)
     _assert_same_features(undone, fused)
     assert with_direct_convolutions(FeatureExtractor("efficientnet_lite0", pretrained=False)) is None
+
+
+def test_fit_memory_curve_table_and_plot(tmp_path: Path) -> None:
+    """``benchmarks.fit_memory --curve``: its worker's counts at full 1000x750 scale (WRN-shaped
+    stub features, so no backbone pass) and the table and PNG written from them."""
+    from benchmarks.fit_memory import worker, write_curve
+
+    rows = [worker(2, sized=True), worker(1, sized=True)]
+    assert [r["patches"] for r in rows] == [23_500, 11_750]  # a 94x125 grid per image
+    assert [r["bank_rows"] for r in rows] == [1639 + 712, 1175]  # one 16,384-row chunk and the rest, at 10 %
+    assert all(r["peak_mb"] > r["bank_mb"] > 0 and r["fit_s"] >= r["extract_s"] + r["coreset_s"] for r in rows)
+    out = tmp_path / "curve.md"
+    write_curve(rows, out)
+    table = [line for line in out.read_text().splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert [line.split(" | ")[1:3] for line in table] == [["11,750", "1,175"], ["23,500", "2,351"]]  # sorted by count
+    assert "--curve 1 2`" in out.read_text()
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -392,6 +392,41 @@ def test_streaming_copies_the_callers_buffer(as_numpy: bool) -> None:
     assert coreset.finalize().sum() == 40.0
 
 
+def _tensor_bytes(value: object) -> int:
+    """Bytes of the torch storages held by ``value`` (a tensor, or a list or tuple of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.untyped_storage().nbytes()
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+def test_streaming_holds_one_chunk_between_adds() -> None:
+    """Batches that straddle chunk boundaries are copied into one reused chunk buffer: between
+    two adds the coreset holds at most one chunk of rows (earlier it kept the whole batches a
+    chunk spanned, up to two chunks here, and concatenated them on top), and after finalize none."""
+    chunk, dim = 1000, 8
+    coreset = StreamingCoreset(0.1, chunk_size=chunk, seed=1)
+    points = np.random.default_rng(4).normal(size=(3000, dim)).astype(np.float32)
+    held = []
+    for start in range(0, 3000, 600):  # 0.6 chunk per batch: the chunks end mid-batch
+        coreset.add(torch.from_numpy(points[start : start + 600].copy()))
+        held.append(sum(_tensor_bytes(value) for value in vars(coreset).values()))
+    assert max(held) == chunk * dim * 4
+    bank = coreset.finalize()
+    assert sum(_tensor_bytes(value) for value in vars(coreset).values()) == 0
+    reference = StreamingCoreset(0.1, chunk_size=chunk, seed=1)
+    np.testing.assert_array_equal(bank, stream(points, reference, 1000))  # batch size does not matter
+
+
+def test_streaming_refuses_a_change_of_dimension() -> None:
+    coreset = StreamingCoreset(0.5, chunk_size=100)
+    coreset.add(torch.ones(10, 4))
+    with pytest.raises(ValueError, match="patch features have 5 dims, earlier batches had 4"):
+        coreset.add(torch.ones(10, 5))
+    assert coreset.patches_seen == 10  # the refused batch is not counted
+
+
 @pytest.mark.parametrize("reserve", [None, 900, 5000, 100])
 def test_streaming_bank_with_or_without_a_reservation(reserve: int | None) -> None:
     """An exact (900 patches) or over-estimated (5000) reservation gives the best choice among
