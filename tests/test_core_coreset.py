@@ -403,8 +403,9 @@ def _tensor_bytes(value: object) -> int:
 
 def test_streaming_holds_one_chunk_between_adds() -> None:
     """Batches that straddle chunk boundaries are copied into one reused chunk buffer: between
-    two adds the coreset holds at most one chunk of rows (earlier it kept the whole batches a
-    chunk spanned, up to two chunks here, and concatenated them on top), and after finalize none."""
+    two adds the coreset holds at most one chunk of rows (earlier it kept whole copies of the
+    batches the buffered rows came from, 1.2 chunks here, and concatenated them at each
+    reduction), and after finalize none."""
     chunk, dim = 1000, 8
     coreset = StreamingCoreset(0.1, chunk_size=chunk, seed=1)
     points = np.random.default_rng(4).normal(size=(3000, dim)).astype(np.float32)
