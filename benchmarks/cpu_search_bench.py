@@ -1,9 +1,10 @@
-"""Exact bank search on the CPU: faiss's float32 kernel vs the screened bfloat16 search.
+"""Exact bank search on the CPU: faiss's float32 kernel vs the screened int8 search.
 
     python -m benchmarks.cpu_search_bench --out benchmarks/results
 
 ``MemoryBank.search`` (flat index, k = 1) runs ``fedpatch.screened_search`` on banks of at
-least ``SCREEN_MIN_DIM`` dims where the CPU has bfloat16 instructions, else ``faiss.knn``.
+least ``SCREEN_MIN_DIM`` dims where the CPU has int8 dot-product instructions (VNNI or AMX), else
+``faiss.knn``.
 This times both on every case (2 threads, interleaved repeats, medians), narrower banks
 included, which is where the dimension threshold comes from, and measures what the screen
 does: candidates per query (rows whose float32 distance it computes), and for each kernel the
@@ -118,11 +119,11 @@ def _case(label: str, vectors: np.ndarray, queries: np.ndarray, repeats: int, sc
 
 
 def machine() -> str:
-    """The CPU's model name and its bfloat16 instruction sets, from /proc/cpuinfo."""
+    """The CPU's model name and its int8 and bfloat16 instruction sets, from /proc/cpuinfo."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown CPU")
-    flags = sorted({flag for flag in text.split() if flag in ("avx512_bf16", "amx_bf16", "avx2")})
-    return f"{model} ({', '.join(flags) or 'no avx2/bf16 flags'}), {torch.get_num_threads()} threads"
+    flags = sorted({flag for flag in text.split() if flag in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")})
+    return f"{model} ({', '.join(flags) or 'no avx2/vnni/bf16 flags'}), {torch.get_num_threads()} threads"
 
 
 def run(repeats: int) -> list[dict[str, float | int | str]]:
@@ -148,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
 
     caption = (f"Command: `python -m benchmarks.cpu_search_bench --name {args.name}` on {machine()}; both kernels timed on every "
                f"case; `search_uses` is the kernel MemoryBank.search picks for k = 1 (faiss below {SCREEN_MIN_DIM} dims or "
-               f"without bf16 instructions); seconds are medians of {args.repeats} interleaved repeats; `*_f64_nearest` is "
+               f"without int8 dot-product instructions); seconds are medians of {args.repeats} interleaved repeats; `*_f64_nearest` is "
                f"the share of (up to {REFERENCE_QUERIES}) queries whose neighbour is a nearest one by float64 arithmetic, "
                f"errors are against float64 distances.")  # fmt: skip
-    write_rows(args.out, args.name, "exact bank search on the CPU: faiss float32 vs the screened bfloat16 search", caption, rows,
-               bf16_instructions=screened_search.available())  # fmt: skip
+    write_rows(args.out, args.name, "exact bank search on the CPU: faiss float32 vs the screened int8 search", caption, rows,
+               int8_screen=screened_search.available())  # fmt: skip
     return 0
 
 

@@ -38,8 +38,8 @@ def _data(bank_rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _time_cpu(bank: MemoryBank, queries: np.ndarray, repeats: int) -> tuple[float, np.ndarray, np.ndarray]:
-    """faiss's float32 kernel itself (``MemoryBank.search`` may take the screened bfloat16 search
-    on CPUs with bf16 instructions: ``benchmarks/cpu_search_bench.py`` compares the two)."""
+    """faiss's float32 kernel itself (``MemoryBank.search`` may take the screened int8 search
+    on CPUs with int8 dot-product instructions: ``benchmarks/cpu_search_bench.py`` compares the two)."""
     faiss.omp_set_num_threads(torch.get_num_threads())
     times = []
     for _ in range(repeats):

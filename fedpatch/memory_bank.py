@@ -1,8 +1,10 @@
 """The PatchCore memory bank: nominal patch vectors and nearest-neighbour search.
 
 Search is exact (brute force) L2 by default, with faiss's blocked BLAS kernel (``faiss.knn``)
-or, for banks of 64 dims or more on CPUs with bf16 instructions, torch's (below); both work
-directly on the bank array, so the vectors are stored once (no second copy inside an index).
+or, for the nearest neighbour in banks of ``SCREEN_MIN_DIM`` dims or more on CPUs with int8
+dot-product instructions, the screened int8 search (below); both work directly on the bank
+array (the screen adds int8 codes, a quarter of its size), so the vectors are stored once (no
+second float copy inside an index).
 For large banks an approximate faiss index can be chosen (``IndexSpec``: ``ivf`` = inverted
 lists over k-means cells, ``hnsw`` = a navigable small-world graph); both hold a second copy
 of the vectors and trade a little recall for speed, which the benchmarks measure (recall@1
@@ -14,14 +16,15 @@ On a GPU, ``search_tensor`` runs the exact search with torch on the query's devi
 is copied there once), so a CUDA model never moves its patch features to the host to score
 them (``benchmarks/results/search.md``).
 
-On a CPU with native bfloat16 products (AVX512-BF16 or AMX), 1-nearest-neighbour search of
-banks at least ``SCREEN_MIN_DIM`` wide (what PatchCore's scores and the coverage radius ask
-for) runs ``fedpatch.screened_search``: a bfloat16 product screens the bank with a proven
-error bound and float32 distances decide among the few rows it cannot rule out. The result
-is the exact nearest neighbour (it agreed with float64 on every query measured; its
-distances are within 3e-6 of float64's, faiss's within 1e-4 to 8e-3) at 1.0-1.8x faiss's
-speed on 2 threads, the most on the widest banks (``benchmarks/results/cpu_search_zen4.md``).
-Other searches (k > 1, narrower banks, CPUs without bfloat16 instructions) use faiss.
+On a CPU with int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX), 1-nearest-neighbour
+search of banks at least ``SCREEN_MIN_DIM`` wide (what PatchCore's scores and the coverage
+radius ask for) runs ``fedpatch.screened_search``: an exact int8 product screens the bank
+with a proven error bound and float32 distances decide among the few rows it cannot rule
+out. The result is the exact nearest neighbour (it agreed with float64 on every query
+measured; its distances are within 3e-6 of float64's, faiss's within 1e-4 to 9e-3) at
+1.2-2.9x faiss's speed on 2 threads, the most on the widest banks
+(``benchmarks/results/cpu_search_zen4.md``). Other searches (k > 1, narrower banks, CPUs
+without those instructions) use faiss.
 
 Threads: faiss uses OpenMP; searches run with as many threads as torch uses
 (``torch.get_num_threads()``), so one knob (``torch.set_num_threads``) sizes the whole
@@ -49,10 +52,10 @@ from fedpatch.errors import BankValidationError, ModelFileError
 
 BANK_FORMAT = "fedpatch-memory-bank/1"
 SCREEN_MIN_DIM = 128
-"""Narrower banks stay on faiss: the screened search against faiss on 2 threads
-(``benchmarks/results/cpu_search_zen4.md``) was 0.92x at 32 dims, 1.11-1.12x at 64, 1.62x at
-128 and 1.35-1.46x at 152; the run before its index work moved to numpy read 0.41x, 0.71-0.94x,
-1.01x and 1.15-1.31x. 64 dims stays on faiss until a second run or machine confirms the gain."""
+"""Narrower banks stay on faiss: the screened int8 search against faiss on 2 threads
+(``benchmarks/results/cpu_search_zen4.md``) was 0.34x at 32 dims, 0.78-0.99x at 64, 1.17x at
+128 and 1.19-1.40x at 152 (the bfloat16 screen it replaced: 0.92x, 1.11-1.12x, 1.62x and
+1.35-1.46x in a run a day earlier)."""
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 _INDEX_PARAMS = {"flat": (), "ivf": ("nlist", "nprobe"), "hnsw": ("m", "ef_search")}
 
@@ -263,8 +266,8 @@ class MemoryBank:
         return np.sqrt(np.maximum(sq_dist, 0.0)), indices.astype(np.int64, copy=False)
 
     def _screened_nearest(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact 1-NN through ``fedpatch.screened_search``; its bfloat16 form of the bank is
-        built on first use and kept until the bank changes."""
+        """Exact 1-NN through ``fedpatch.screened_search``; its int8 form of the bank is built
+        on first use and kept until the bank changes."""
         if self._screen is None:
             self._screen = screened_search.ScreenedSearch(self._vectors)
         distances, indices = self._screen.nearest(query)

@@ -325,10 +325,10 @@ def test_search_tensor_matches_exact_search(rng: np.random.Generator) -> None:
 
 @pytest.mark.parametrize("screened", [True, False])
 def test_wide_flat_search_is_exact_with_either_cpu_kernel(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, screened: bool) -> None:
-    # 384-d (>= SCREEN_MIN_DIM, 128): 1-NN takes the screened bf16 search where the CPU has bf16
-    # instructions, faiss otherwise (and for k > 1); both must give float64 brute force's neighbours
+    # 384-d (>= SCREEN_MIN_DIM, 128): 1-NN takes the screened int8 search where the CPU has int8
+    # dot-product instructions, faiss otherwise (and for k > 1); both must give float64 brute force's neighbours
     if screened and not screened_search.available():
-        pytest.skip("this CPU has no bf16 instructions: faiss is the only CPU kernel here")
+        pytest.skip("this CPU has no int8 dot-product instructions: faiss is the only CPU kernel here")
     monkeypatch.setattr(screened_search, "available", lambda: screened)
     calls: list[int] = []
     nearest = screened_search.ScreenedSearch.nearest
@@ -347,14 +347,14 @@ def test_wide_flat_search_is_exact_with_either_cpu_kernel(rng: np.random.Generat
     assert calls == ([400] if screened else [])
     if screened:
         assert np.array_equal(bank.search(query[:5], k=1)[0][:, 0], np.zeros(5, np.float32))
-        bank.add(query[5:6])  # the screen's bf16 form follows the bank
+        bank.add(query[5:6])  # the screen's int8 form follows the bank
         assert bank.search(query[5:6], k=1)[1][0, 0] == 900
 
 
 @pytest.mark.parametrize("index", ["flat", "hnsw"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_non_finite_query_rows_are_refused(rng: np.random.Generator, index: str, k: int) -> None:
-    # every kernel (screened bf16, faiss flat, an approximate index) leaves them unmatched
+    # every kernel (screened int8, faiss flat, an approximate index) leaves them unmatched
     vectors = (np.maximum(rng.normal(size=(300, 160)), 0) + 0.5).astype(np.float32)  # >= SCREEN_MIN_DIM
     query = vectors[:6].copy()
     query[2, 7], query[4, 0] = np.nan, np.inf

@@ -1,5 +1,5 @@
-"""The screened bfloat16 search: exact nearest neighbours against float64, on the sets where a
-bfloat16 or float32 product goes wrong; the screen's pruning; its self-check."""
+"""The screened int8 search: exact nearest neighbours against float64, on the sets where a
+low-precision or float32 product goes wrong; the screen's pruning; its self-check."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import pytest
 import torch
 
 from fedpatch import screened_search
-from fedpatch.screened_search import ScreenedSearch, bf16_product_within_bound
+from fedpatch.screened_search import ScreenedSearch, int8_product_exact
 
-pytestmark = pytest.mark.skipif(
-    not bf16_product_within_bound(), reason="torch's bfloat16 product here does not accumulate in float32: the search is not used"
-)
+pytestmark = pytest.mark.skipif(not int8_product_exact(), reason="torch's int8 product here is not exact: the search is not used")
 
 
 def float64_nearest(bank: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,24 +65,57 @@ def test_ties_go_to_the_lowest_index(rng: np.random.Generator) -> None:
 def test_screen_keeps_the_nearest_row_and_prunes_the_rest(rng: np.random.Generator) -> None:
     bank, query = hard_sets(rng)["near queries"]
     search = ScreenedSearch(bank)
-    rows, found = search._screen(torch.from_numpy(query), *search.buffers(len(query)))
+    products = torch.empty(len(query), search.codes.shape[1], dtype=torch.int32)
+    rows, found = search._screen(torch.from_numpy(query), products)
     _, truth = float64_nearest(bank, query)
-    pairs = set(zip(rows.tolist(), found.tolist()))
+    pairs = set(zip(rows.tolist(), search.order[found].tolist()))
     assert all((i, int(j)) in pairs for i, j in enumerate(truth))
     per_query = np.bincount(rows, minlength=len(query))
     assert per_query.min() >= 1 and per_query.mean() < 3  # of 1,500 rows
+    assert np.all(rows[1:] >= rows[:-1])  # sorted by query row, as the pick needs
+
+
+def test_bank_is_sorted_by_norm_and_padded_with_real_rows(rng: np.random.Generator) -> None:
+    """Blocks hold rows of similar norms (a narrow norm range per block) and the padding
+    repeats the widest row, so every block's bounds describe real rows."""
+    bank = relu_like(rng, 100, 48) * rng.uniform(0.1, 10, size=(100, 1)).astype(np.float32)
+    search = ScreenedSearch(bank)
+    assert len(search.order) == 128 and search.codes.shape == (48, 128)
+    assert sorted(search.order[:100].tolist()) == list(range(100)) and np.all(search.order[100:] == search.order[99])
+    squares = ((bank.astype(np.float64) - search.mean) ** 2).sum(axis=1)[search.order]
+    assert np.all(np.diff(squares) >= 0)
+    assert torch.equal(search.lo[0], torch.from_numpy(squares.reshape(4, 32).min(axis=1)))
+    assert torch.equal(search.hi[0], torch.from_numpy(squares.reshape(4, 32).max(axis=1)))
+    assert int(search.codes.abs().max()) == 127  # each block uses its whole int8 range
+
+
+@pytest.mark.parametrize("dim", [3, 40, 300])
+def test_zero_rows_and_zero_queries(rng: np.random.Generator, dim: int) -> None:
+    """An all-zero block (scale 1) and queries at the bank's mean (scale 1, codes 0) still
+    find their exact neighbours."""
+    bank = np.zeros((70, dim), dtype=np.float32)
+    bank[40:55] = relu_like(rng, 15, dim)
+    bank[55:] = -bank[40:55]  # the mean is exactly 0: the 40 zero rows fill a block at the mean
+    query = np.concatenate([np.zeros((3, dim)), bank[::7] + 1e-3, bank[1::9] * 0.5]).astype(np.float32)
+    search = ScreenedSearch(bank)
+    assert not search.mean.any() and float(search.unit[0, 0]) == 2.0  # scale 1 for the zero block
+    distances, indices = search.nearest(query)
+    ref_d, ref_i = float64_nearest(bank, query)
+    assert np.array_equal(indices, ref_i)
+    np.testing.assert_allclose(distances, ref_d, rtol=2e-6, atol=1e-6)
 
 
 def test_chunked_queries_and_build_give_the_one_chunk_answer(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     bank, query = hard_sets(rng)["near queries"]
-    whole = ScreenedSearch(bank).nearest(query)
-    built_whole = ScreenedSearch(bank).extended
-    monkeypatch.setattr(screened_search, "CELLS", 64 * 1536)  # 64 rows a chunk: 11 chunks, the last partial
-    monkeypatch.setattr(screened_search, "BUILD_ROWS", 100)  # and the bank built 100 rows at a time
+    whole = ScreenedSearch(bank)
+    whole_answer = whole.nearest(query)
+    monkeypatch.setattr(screened_search, "CELLS", 64 * 1504)  # 64 rows a chunk: 11 chunks, the last partial
+    monkeypatch.setattr(screened_search, "BUILD_ROWS", 96)  # and the bank built 96 rows at a time
     search = ScreenedSearch(bank)
-    assert torch.equal(search.extended, built_whole)
+    assert torch.equal(search.codes, whole.codes) and np.array_equal(search.order, whole.order)
+    assert all(torch.equal(getattr(search, name), getattr(whole, name)) for name in ("lo", "hi", "unit", "norm_term", "low_term"))
     chunked = search.nearest(query)
-    assert np.array_equal(chunked[1], whole[1]) and np.array_equal(chunked[0], whole[0])
+    assert np.array_equal(chunked[1], whole_answer[1]) and np.array_equal(chunked[0], whole_answer[0])
     assert len(query) <= search.candidates < 3 * len(query)
 
 
@@ -112,22 +143,28 @@ def test_pick_orders_by_distance_then_bank_row() -> None:
     assert np.isnan(distances[[1, 4]]).all()
 
 
-def _bf16_partial_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """A product that rounds its running sum to bfloat16 every 16 terms."""
-    total = torch.zeros(a.shape[0], b.shape[1], dtype=torch.bfloat16)
-    for start in range(0, a.shape[1], 16):
-        total = (total.float() + a[:, start : start + 16].float() @ b[start : start + 16].float()).to(torch.bfloat16)
-    return total
+def _saturating_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """An int8 product the way AVX2's ``vpmaddubsw`` path computes it: ``a`` shifted to
+    unsigned, each pair of products summed with 16-bit saturation, the shift taken off."""
+    shifted = a.long() + 128
+    terms = shifted[:, :, None] * b.long()[None]  # [M, K, N]
+    pairs = (terms[:, 0::2] + terms[:, 1::2]).clamp(-(2**15), 2**15 - 1)
+    return (pairs.sum(dim=1) - 128 * b.long().sum(dim=0)).int()
+
+
+def _raises(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("no int8 kernel for this CPU")
 
 
 @pytest.mark.parametrize(
     ("product", "accepted"),
     [
-        (lambda a, b: a @ b, True),  # torch's own: float32 accumulation, one rounding
-        (lambda a, b: (a.double() @ b.double()).to(torch.bfloat16), True),  # exact, then rounded
-        (_bf16_partial_sums, False),
-        (lambda a, b: ((a @ b).float() * (1 + 2**-6)).to(torch.bfloat16), False),
+        (None, True),  # torch's own (torch._int_mm)
+        (lambda a, b: (a.long() @ b.long()).int(), True),  # exact
+        (_saturating_pairs, False),
+        (lambda a, b: (a.float() @ b.float()).to(torch.bfloat16).int(), False),  # rounded sums
+        (_raises, False),
     ],
 )
-def test_self_check_refuses_products_outside_the_bound(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], accepted: bool) -> None:
-    assert bf16_product_within_bound(product) is accepted
+def test_self_check_refuses_inexact_products(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, accepted: bool) -> None:
+    assert int8_product_exact(product) is accepted
