@@ -22,7 +22,7 @@ radius ask for) runs ``fedpatch.screened_search``: an exact int8 product screens
 with a proven error bound and float32 distances decide among the few rows it cannot rule
 out. The result is the exact nearest neighbour (it agreed with float64 on every query
 measured; its distances are within 3e-6 of float64's, faiss's within 1e-4 to 9e-3) at
-1.2-2.9x faiss's speed on 2 threads, the most on the widest banks
+1.3-2.9x faiss's speed on 2 threads, the most on the widest banks
 (``benchmarks/results/cpu_search_zen4.md``). Other searches (k > 1, narrower banks, CPUs
 without those instructions) use faiss.
 
@@ -53,8 +53,8 @@ from fedpatch.errors import BankValidationError, ModelFileError
 BANK_FORMAT = "fedpatch-memory-bank/1"
 SCREEN_MIN_DIM = 128
 """Narrower banks stay on faiss: the screened int8 search against faiss on 2 threads
-(``benchmarks/results/cpu_search_zen4.md``) was 0.34x at 32 dims, 0.78-0.99x at 64, 1.17x at
-128 and 1.19-1.40x at 152 (the bfloat16 screen it replaced: 0.92x, 1.11-1.12x, 1.62x and
+(``benchmarks/results/cpu_search_zen4.md``) was 0.44x at 32 dims, 0.81-1.00x at 64, 1.42x at
+128 and 1.52-1.70x at 152 (the bfloat16 screen it replaced: 0.92x, 1.11-1.12x, 1.62x and
 1.35-1.46x in a run a day earlier)."""
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 _INDEX_PARAMS = {"flat": (), "ivf": ("nlist", "nprobe"), "hnsw": ("m", "ef_search")}
