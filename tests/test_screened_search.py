@@ -84,8 +84,8 @@ def test_bank_is_sorted_by_norm_and_padded_with_real_rows(rng: np.random.Generat
     assert sorted(search.order[:100].tolist()) == list(range(100)) and np.all(search.order[100:] == search.order[99])
     squares = ((bank.astype(np.float64) - search.mean) ** 2).sum(axis=1)[search.order]
     assert np.all(np.diff(squares) >= 0)
-    assert torch.equal(search.lo[0], torch.from_numpy(squares.reshape(4, 32).min(axis=1)))
-    assert torch.equal(search.hi[0], torch.from_numpy(squares.reshape(4, 32).max(axis=1)))
+    assert torch.equal(search.lo[0], torch.from_numpy(squares.reshape(4, 32).min(axis=1).astype(np.float32)))
+    assert torch.equal(search.hi[0], torch.from_numpy(squares.reshape(4, 32).max(axis=1).astype(np.float32)))
     assert int(search.codes.abs().max()) == 127  # each block uses its whole int8 range
 
 
