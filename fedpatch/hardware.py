@@ -11,15 +11,11 @@ from __future__ import annotations
 import torch
 
 
-def _any_supported(*names: str) -> bool:
-    checks = [getattr(torch.cpu, name, None) for name in names]
-    return any(check is not None and check() for check in checks)
-
-
 def native_bfloat16_cpu() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so bfloat16 work
     is faster than float32 rather than emulated."""
-    return _any_supported("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)
 
 
 def native_int8_cpu() -> bool:
