@@ -66,7 +66,7 @@ def test_screen_keeps_the_nearest_row_and_prunes_the_rest(rng: np.random.Generat
     bank, query = hard_sets(rng)["near queries"]
     search = ScreenedSearch(bank)
     products = torch.empty(len(query), search.codes.shape[1], dtype=torch.int32)
-    rows, found = search._screen(torch.from_numpy(query), products)
+    rows, found = search._screen(search._quantise(torch.from_numpy(query)), products)
     _, truth = float64_nearest(bank, query)
     pairs = set(zip(rows.tolist(), search.order[found].tolist()))
     assert all((i, int(j)) in pairs for i, j in enumerate(truth))
@@ -111,12 +111,42 @@ def test_chunked_queries_and_build_give_the_one_chunk_answer(rng: np.random.Gene
     whole_answer = whole.nearest(query)
     monkeypatch.setattr(screened_search, "CELLS", 64 * 1504)  # 64 rows a chunk: 11 chunks, the last partial
     monkeypatch.setattr(screened_search, "BUILD_ROWS", 96)  # and the bank built 96 rows at a time
+    monkeypatch.setattr(screened_search, "GROUP_CELLS", 3 * 64 * 192)  # 3 chunks a group: 4 groups, the last of 2 chunks
     search = ScreenedSearch(bank)
     assert torch.equal(search.codes, whole.codes) and np.array_equal(search.order, whole.order)
     assert all(torch.equal(getattr(search, name), getattr(whole, name)) for name in ("lo", "hi", "unit", "norm_term", "low_term"))
+    picks = count_picks(search, monkeypatch)
     chunked = search.nearest(query)
     assert np.array_equal(chunked[1], whole_answer[1]) and np.array_equal(chunked[0], whole_answer[0])
     assert len(query) <= search.candidates < 3 * len(query)
+    assert picks == [192, 192, 192, 124]  # query rows per call: one call a group
+
+
+def count_picks(search: ScreenedSearch, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record how many query rows each call of ``search._pick_nearest`` covers."""
+    calls: list[int] = []
+    original = search._pick_nearest
+
+    def spy(query: np.ndarray, rows: np.ndarray, *rest: np.ndarray) -> None:
+        calls.append(len(np.unique(rows)))
+        original(query, rows, *rest)
+
+    monkeypatch.setattr(search, "_pick_nearest", spy)
+    return calls
+
+
+def test_ties_everywhere_pick_a_chunk_at_a_time(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bank of one repeated row makes every pair a candidate: the candidates are picked a
+    chunk at a time (at most ``CELLS`` waiting), not a group at a time, and the lowest index wins."""
+    bank = np.repeat(relu_like(rng, 1, 24), 100, axis=0)
+    query = relu_like(rng, 50, 24)
+    monkeypatch.setattr(screened_search, "CELLS", 16 * 128)  # 16 rows a chunk against 128 (padded) rows
+    search = ScreenedSearch(bank)
+    picks = count_picks(search, monkeypatch)
+    distances, indices = search.nearest(query)
+    assert search.candidates == 50 * 128 and picks == [16, 16, 16, 2]
+    assert np.all(indices == 0)
+    np.testing.assert_allclose(distances, float64_nearest(bank, query)[0], rtol=2e-6)
 
 
 def test_non_finite_rows_are_left_unmatched(rng: np.random.Generator) -> None:
