@@ -154,7 +154,7 @@ class ScreenedSearch:
 
         Queries go in groups of up to ``GROUP_CELLS`` values: each group is scaled to int8 in
         one pass, screened a chunk of ``CELLS`` products at a time, and its candidates'
-        distances computed and picked together (up to ``CELLS`` candidates a call), so the
+        distances computed and picked together (sooner once ``CELLS`` candidates wait), so the
         per-call costs of those steps are paid per group rather than per chunk.
         """
         query = np.ascontiguousarray(query, dtype=np.float32)
@@ -174,7 +174,7 @@ class ScreenedSearch:
                 row_parts.append(part_rows + (start + first))
                 found_parts.append(part_found)
                 if sum(map(len, row_parts)) >= CELLS or first + chunk >= queries.count:
-                    # a chunk's worth of candidates at most waits (ties can make every pair one)
+                    # picked once CELLS pairs wait: fewer than 2 CELLS held (ties can make every pair one)
                     self._pick_nearest(query, np.concatenate(row_parts), np.concatenate(found_parts), distances, indices)
                     row_parts, found_parts = [], []
         return distances, indices

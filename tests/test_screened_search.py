@@ -136,8 +136,9 @@ def count_picks(search: ScreenedSearch, monkeypatch: pytest.MonkeyPatch) -> list
 
 
 def test_ties_everywhere_pick_a_chunk_at_a_time(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bank of one repeated row makes every pair a candidate: the candidates are picked a
-    chunk at a time (at most ``CELLS`` waiting), not a group at a time, and the lowest index wins."""
+    """A bank of one repeated row makes every pair a candidate: the candidates are picked as
+    soon as ``CELLS`` of them wait (here every chunk), not a group at a time, and the lowest
+    index wins."""
     bank = np.repeat(relu_like(rng, 1, 24), 100, axis=0)
     query = relu_like(rng, 50, 24)
     monkeypatch.setattr(screened_search, "CELLS", 16 * 128)  # 16 rows a chunk against 128 (padded) rows
