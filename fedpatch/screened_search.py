@@ -206,7 +206,13 @@ class ScreenedSearch:
         # rounding of these few float32 operations is far inside SAFETY's 1%
         high_bound = high * (1 + self.gamma)
         low_bound = low * (1 + self.gamma) + 4 * U_FP32 * (high_bound + low)
-        return _Queries(codes, scale, high_bound, low_bound, torch.isfinite(peak).numpy())
+        # the per-block float32 arithmetic of ``_screen`` rounds by a few u32 of its operands'
+        # magnitudes, which these per-query slacks bound: |hi|, |lo| <= squares_max,
+        # E <= error_max, and |2 s_q s_k P| <= 2 |s_q r_q| (|b| + |l_b|) <= 2 high_bound * reach
+        error_max = low_bound * self.norm_term_max + high_bound * self.low_term_max
+        magnitude = self.squares_max + error_max
+        slack = 8 * U_FP32 * (magnitude + 2 * high_bound * self.reach)
+        return _Queries(codes, scale, high_bound, low_bound, magnitude, slack, torch.isfinite(peak).numpy())
 
     def _screen(self, queries: _Queries, products: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Candidate pairs of one query chunk: (query row, row of the sorted bank) as int64
@@ -219,14 +225,9 @@ class ScreenedSearch:
         unit = scale[:, None] * self.unit
         blocks = products.shape[1] // BLOCK
         block_max = products.view(-1, blocks, BLOCK).amax(dim=2)
-        # the per-block float32 arithmetic rounds by a few u32 of its operands' magnitudes, which
-        # these per-query slacks bound: |hi|, |lo| <= squares_max, E <= error_max, and
-        # |2 s_q s_k P| <= 2 |s_q r_q| (|b| + |l_b|) <= 2 high_bound * reach
-        error_max = low_bound * self.norm_term_max + high_bound * self.low_term_max
-        magnitude = self.squares_max + error_max
         upper = torch.addcmul(self.hi + error, unit, block_max, value=-1).amin(dim=1)
-        upper += 8 * U_FP32 * (magnitude + 2 * high_bound * self.reach)
-        upper += 5 * U_FP32 * (magnitude + upper.abs())
+        upper += queries.slack  # the rounding of the arithmetic above (``_quantise``)
+        upper += 5 * U_FP32 * (queries.magnitude + upper.abs())
         limit = (self.lo - error - upper[:, None]).div_(unit).floor_().sub_(self.margin).clamp_(-(2**31), INT32_BELOW).int()
         passing = (block_max >= limit).numpy()
         if not queries.finite.all():
@@ -243,12 +244,15 @@ class ScreenedSearch:
 @dataclass(frozen=True)
 class _Queries:
     """Query rows scaled to int8 (``_quantise``): codes ``[N, D]`` and, per row, the scale
-    ``s_q``, the bounds on ``|s_q r_q|`` and ``|l_q|``, and whether the row is finite."""
+    ``s_q``, the bounds on ``|s_q r_q|`` and ``|l_q|``, the magnitude of the per-block
+    arithmetic and the slack for its rounding, and whether the row is finite."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     high_bound: torch.Tensor
     low_bound: torch.Tensor
+    magnitude: torch.Tensor
+    slack: torch.Tensor
     finite: np.ndarray
 
     @property
