@@ -15,7 +15,8 @@ warning when they differ): each node's partition comes from its own ``num-partit
 deployment whose nodes connect over time, set ``min-nodes`` to the number expected.
 
 Failures: an error reply, no reply within ``train-timeout`` / ``evaluate-timeout`` (each
-message also carries that TTL; a node that left is named as no longer connected) or a malformed
+message also carries that TTL; a node that left is named as no longer connected), an error the
+SuperLink returns for the node (it went offline, or the message expired) or a malformed
 reply excludes the node for the rest of the round (logged with its node id and the reason,
 listed in ``federation.json`` and ``results.md``); fewer than ``federated.min_clients``
 remaining nodes fail the run with a message naming the excluded ones (``federation.json`` then
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -120,12 +122,23 @@ def exchange(
     strategy: FederatedPatchCore,
     communication: CommunicationLog,
 ) -> dict[str, RecordDict]:
-    """Send one message per client, collect replies; report error replies and silent clients."""
+    """Send one message per client, collect replies; report error replies and silent clients.
+
+    A reply the SuperLink sends itself (source ``SUPERLINK_NODE_ID``) answers for a node it
+    could not deliver to or hear from: an error naming a node that went offline (missed
+    heartbeats, or signed off) or a message or reply that expired. It is matched to that node
+    through the message it answers, and the node fails with the SuperLink's reason; it is not
+    a reply *from* a node (node id 1 is the SuperLink's), so it is never counted as one.
+    """
     messages = []
     for client, content in contents.items():
         communication.add(strategy.round, stage, client, down=record_bytes(content))
         messages.append(Message(content, dst_node_id=int(client), message_type=message_type, group_id=str(strategy.round), ttl=timeout or None))
     replies = list(grid.send_and_receive(messages, timeout=timeout or None))
+    # the grid gives each message its id when it pushes it
+    sent = {m.metadata.message_id: client for client, m in zip(contents, messages, strict=True) if m.metadata.message_id}
+    from_link = [r for r in replies if r.metadata.src_node_id == SUPERLINK_NODE_ID]
+    replies = [r for r in replies if r.metadata.src_node_id != SUPERLINK_NODE_ID]
     keep = strategy.screen_replies(stage, contents, [(str(r.metadata.src_node_id), r.metadata.message_id) for r in replies])
     received: dict[str, RecordDict] = {}
     for reply in (replies[i] for i in keep):
@@ -136,6 +149,8 @@ def exchange(
             continue
         communication.add(strategy.round, stage, client, up=record_bytes(reply.content))
         received[client] = reply.content
+    for notice in from_link:
+        _superlink_notice(notice, sent, received, stage, strategy)
     silent = [c for c in contents if c not in received and c not in strategy.excluded]
     if silent:
         connected = {str(n) for n in grid.get_node_ids()}
@@ -143,6 +158,22 @@ def exchange(
             gone = "" if client in connected else " (the node is no longer connected)"
             strategy.fail(client, stage, f"no reply within the {stage} timeout of {timeout:g} s{gone}")
     return received
+
+
+def _superlink_notice(notice: Message, sent: Mapping[str, str], received: Mapping[str, RecordDict], stage: str, strategy: FederatedPatchCore) -> None:
+    """Fail the node a SuperLink error reply answers for, unless that node's own reply came
+    (then the notice is stale); any other reply of the SuperLink (to no message of this
+    exchange, or without an error) is counted as unsolicited, under the client ``superlink``."""
+    client = sent.get(notice.metadata.reply_to_message_id)
+    if client is None or not notice.has_error():
+        about = f"answers no {stage} message of this round" if client is None else f"carries no error (it answers node {client}'s message)"
+        strategy.reject("superlink", stage, "unsolicited-reply", f"a reply from the SuperLink itself that {about}", exclude=False)
+        return
+    if client in received:
+        return
+    error = notice.error
+    log(WARNING, "client %s: the SuperLink answered for it at %s (code %s): %s", client, stage, error.code, error.reason)
+    strategy.fail(client, stage, f"no reply; the SuperLink answered for the node (code {error.code}): {summarize_error(error.reason)}")
 
 
 def _arrays(content: RecordDict, key: str) -> dict[str, Any]:

@@ -6,7 +6,11 @@ half on two CPU cores. Plumbing tests use random backbone weights (``pretrained=
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import zipfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -56,3 +60,23 @@ def fitted_model(train_images: list[torch.Tensor]) -> PatchCore:
     from fedpatch import PatchCore
 
     return PatchCore("resnet18", pretrained=False, device="cpu", coreset_percentage=0.1).fit(train_images)
+
+
+@pytest.fixture(scope="session")
+def flower_app(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This checkout's Flower app as ``flwr run`` ships it, unpacked once per session.
+
+    ``flwr run <folder>`` walks the whole folder to build the app's FAB, ignored files included:
+    7-8 s per run with ``.venv`` inside the checkout. Runs submitted from this copy skip that.
+    It is made with ``flwr build``, so it holds exactly the files a run from the checkout ships
+    (what Flower adds, ``.info/``, left out). Runs that test submitting from the checkout itself
+    (the ``fedpatch.deploy`` launcher's default) do not use it.
+    """
+    out = tmp_path_factory.mktemp("flower_app")
+    flwr = Path(sys.executable).parent / "flwr"
+    subprocess.run([str(flwr), "build", "--app", str(Path(__file__).resolve().parents[1])], cwd=out, check=True, capture_output=True, timeout=120)
+    (fab,) = out.glob("*.fab")
+    app = out / "app"
+    with zipfile.ZipFile(fab) as archive:
+        archive.extractall(app, members=[name for name in archive.namelist() if not name.startswith(".info/")])
+    return app

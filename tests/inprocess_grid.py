@@ -23,6 +23,14 @@ def partition_configs(n: int) -> dict[int, dict[str, Any]]:
     return {1000 + i: {"partition-id": i, "num-partitions": n} for i in range(n)}
 
 
+def stamp(message: Message) -> Message:
+    """Give ``message`` its id, as Flower's grids do when they push it: replies, and the
+    SuperLink's own error replies, refer to their message by this id."""
+    if not message.metadata.message_id:
+        message.metadata.__dict__["_message_id"] = message.object_id
+    return message
+
+
 class InProcessGrid(Grid):
     """Nodes ``{node_id: node_config}`` answering every message at once, in this process."""
 
@@ -34,6 +42,7 @@ class InProcessGrid(Grid):
 
     def answer(self, message: Message) -> Message:
         """The destination node's reply; a raising ClientApp becomes an error reply, as in Flower's runtimes."""
+        stamp(message)
         try:
             return client_app(message, self.contexts[message.metadata.dst_node_id])
         except Exception as exc:

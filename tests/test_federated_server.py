@@ -21,7 +21,7 @@ from fedpatch import workflow
 from fedpatch.config import config_from_dict
 from fedpatch.data.synthetic import generate_autovi_dataset
 from fedpatch.federated import AppSettings, FederationError
-from inprocess_grid import InProcessGrid, partition_configs, task_identity  # noqa: F401 - fixture
+from inprocess_grid import InProcessGrid, partition_configs, stamp, task_identity  # noqa: F401 - fixture
 from server.server_app import run_federation, wait_for_nodes
 
 
@@ -102,6 +102,8 @@ def test_too_few_clients_fail_the_run_and_name_the_missing_ones(root: Path, tmp_
     assert "node 1002 (partition 2/3 (iid)): train: client 1002 (pipe_clip): 1 row(s) hold NaN" in str(caught.value)
     federation = json.loads((tmp_path / "out" / "federation.json").read_text())
     assert federation["status"] == "failed" and {f["client"] for f in federation["failures"]} == {"1000", "1002"}
+    assert federation["rejected"]["by_kind"] == {"error-reply": 1, "non-finite": 1}
+    assert not (tmp_path / "out" / "results.csv").exists()  # a failed run writes no results table
 
 
 def test_more_rounds_repeat_the_protocol(root: Path, tmp_path: Path) -> None:
@@ -133,6 +135,45 @@ class LeavingGrid(LocalGrid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         self.sent = True
         return super().send_and_receive(messages, timeout=timeout)
+
+
+class SuperLinkGrid(LocalGrid):
+    """``offline`` nodes never get their messages: the SuperLink answers for them with the error
+    reply it makes for a node that missed its heartbeats (Flower's own helper), and sends one
+    more error reply that answers no message."""
+
+    def __init__(self, *args, offline: Iterable[int], **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.offline = set(offline)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+        messages = list(messages)
+        replies = [self.answer(m) for m in messages if m.metadata.dst_node_id not in self.offline]
+        for message in messages:
+            if message.metadata.dst_node_id in self.offline:
+                replies.append(create_message_error_unavailable_res_message(stamp(message).metadata, "node_unavail"))
+        stray = create_message_error_unavailable_res_message(messages[0].metadata, "msg_unavail")
+        stray.metadata.__dict__["_reply_to_message_id"] = "no-such-message"
+        return [*replies, stray]
+
+
+def test_a_node_the_superlink_reports_offline_fails_with_its_reason_and_no_phantom_client(root: Path, tmp_path: Path) -> None:
+    # The SuperLink's error replies come from node id 1 (SUPERLINK_NODE_ID): they were counted
+    # as unsolicited replies of a client "1", and the offline node as silent until the timeout.
+    grid = SuperLinkGrid(partition_configs(3), {}, offline=[1002])
+    settings = AppSettings(data_dir=str(root), output_dir=str(tmp_path / "out"), train_timeout=9.0, node_wait_timeout=5.0)
+    result = run_federation(grid, config(min_clients=2), settings)
+    (failure,) = result.failures
+    assert (failure.client, failure.stage) == ("1002", "train")
+    assert failure.reason.startswith("no reply; the SuperLink answered for the node (code 5): Error: Node Unavailable")
+    assert result.objects["pipe_clip"].pooled_clients == ["1000", "1001"]
+    federation = json.loads((tmp_path / "out" / "federation.json").read_text())
+    rejected = federation["rejected"]
+    # the stray notices (one per exchange: train, evaluate, counts) are counted under "superlink"
+    assert rejected["by_client"] == {"superlink": {"unsolicited-reply": 3}}
+    assert "1" not in federation["nodes"] and "1" not in {f["client"] for f in federation["failures"]}
 
 
 def test_a_node_that_left_is_reported_as_no_longer_connected(root: Path, tmp_path: Path) -> None:
