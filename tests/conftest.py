@@ -1,4 +1,5 @@
-"""Shared fixtures for the core-library tests: thread count, tiny synthetic images, a tiny model.
+"""Shared fixtures: thread count, tiny synthetic images and a tiny model for the core-library
+tests, and a copy of the Flower app for the tests that submit it with ``flwr run``.
 
 Everything here is small on purpose: the whole core suite must run in about a minute and a
 half on two CPU cores. Plumbing tests use random backbone weights (``pretrained=False``).
