@@ -77,14 +77,22 @@ def grid_for(n: int, run_config: dict | None = None, silent: Iterable[int] = ())
     return LocalGrid(partition_configs(n), run_config or {}, silent)
 
 
+def run_losing_one_node(grid: InProcessGrid, root: Path, tmp_path: Path, lost: int, train_timeout: float) -> str:
+    """Run the federation of ``grid`` (min_clients 2), in which node ``lost`` fails at train:
+    check that it is the one failure and that the others are pooled; return its reason."""
+    settings = AppSettings(data_dir=str(root), output_dir=str(tmp_path / "out"), train_timeout=train_timeout, node_wait_timeout=5.0)
+    result = run_federation(grid, config(min_clients=2), settings)
+    (failure,) = result.failures
+    assert (failure.client, failure.stage) == (str(lost), "train")
+    assert result.objects["pipe_clip"].pooled_clients == [str(n) for n in sorted(grid.contexts) if n != lost]
+    return failure.reason
+
+
 def test_a_silent_node_is_reported_as_timed_out_and_the_run_completes(root: Path, tmp_path: Path) -> None:
     grid = grid_for(3, silent=[1001])
-    settings = AppSettings(data_dir=str(root), output_dir=str(tmp_path / "out"), train_timeout=7.0, node_wait_timeout=5.0)
-    result = run_federation(grid, config(min_clients=2), settings)
+    reason = run_losing_one_node(grid, root, tmp_path, lost=1001, train_timeout=7.0)
     assert grid.timeouts[0] == 7.0
-    (failure,) = result.failures
-    assert (failure.client, failure.stage, failure.reason) == ("1001", "train", "no reply within the train timeout of 7 s")
-    assert result.objects["pipe_clip"].pooled_clients == ["1000", "1002"]
+    assert reason == "no reply within the train timeout of 7 s"
     federation = json.loads((tmp_path / "out" / "federation.json").read_text())
     assert federation["status"] == "completed" and federation["succeeded"] == ["1000", "1002"]
     assert federation["failures"][0]["client"] == "1001"
@@ -163,12 +171,8 @@ def test_a_node_the_superlink_reports_offline_fails_with_its_reason_and_no_phant
     # The SuperLink's error replies come from node id 1 (SUPERLINK_NODE_ID): they were counted
     # as unsolicited replies of a client "1", and the offline node as silent until the timeout.
     grid = SuperLinkGrid(partition_configs(3), {}, offline=[1002])
-    settings = AppSettings(data_dir=str(root), output_dir=str(tmp_path / "out"), train_timeout=9.0, node_wait_timeout=5.0)
-    result = run_federation(grid, config(min_clients=2), settings)
-    (failure,) = result.failures
-    assert (failure.client, failure.stage) == ("1002", "train")
-    assert failure.reason.startswith("no reply; the SuperLink answered for the node (code 5): Error: Node Unavailable")
-    assert result.objects["pipe_clip"].pooled_clients == ["1000", "1001"]
+    reason = run_losing_one_node(grid, root, tmp_path, lost=1002, train_timeout=9.0)
+    assert reason.startswith("no reply; the SuperLink answered for the node (code 5): Error: Node Unavailable")
     federation = json.loads((tmp_path / "out" / "federation.json").read_text())
     rejected = federation["rejected"]
     # the stray notices (one per exchange: train, evaluate, counts) are counted under "superlink"
@@ -178,9 +182,5 @@ def test_a_node_the_superlink_reports_offline_fails_with_its_reason_and_no_phant
 
 def test_a_node_that_left_is_reported_as_no_longer_connected(root: Path, tmp_path: Path) -> None:
     grid = LeavingGrid(partition_configs(3), {}, silent=[1002])
-    settings = AppSettings(data_dir=str(root), output_dir=str(tmp_path / "out"), train_timeout=9.0, node_wait_timeout=5.0)
-    result = run_federation(grid, config(min_clients=2), settings)
-    (failure,) = result.failures
-    assert (failure.client, failure.stage) == ("1002", "train")
-    assert failure.reason == "no reply within the train timeout of 9 s (the node is no longer connected)"
-    assert result.objects["pipe_clip"].pooled_clients == ["1000", "1001"]
+    reason = run_losing_one_node(grid, root, tmp_path, lost=1002, train_timeout=9.0)
+    assert reason == "no reply within the train timeout of 9 s (the node is no longer connected)"
