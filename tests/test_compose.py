@@ -8,6 +8,7 @@ images carry the installed flwr version, and each site mounts only its own data.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -50,10 +51,17 @@ def default_port(binary: str) -> str:
 
 @cache
 def compose(*overrides: str) -> dict:
+    return compose_with({}, *overrides)
+
+
+def compose_with(variables: dict[str, str], *overrides: str) -> dict:
+    """The resolved compose configuration, with ``variables`` set (and Flower's telemetry
+    switch only as given there) in docker-compose's environment."""
     assert shutil.which("docker-compose"), "docker-compose is not installed (apt-get install docker-compose; .ci/run does it)"
     files = ["docker-compose.yml", *overrides]
     argv = ["docker-compose", "--project-directory", str(REPO)] + [a for f in files for a in ("-f", str(REPO / f))] + ["config"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO)
+    env = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"} | variables
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert done.returncode == 0, f"docker-compose config {files} failed:\n{done.stderr}"
     return yaml.safe_load(done.stdout)
 
@@ -117,6 +125,15 @@ def test_topology_ports_and_images_follow_the_installed_flower() -> None:
     for name, service in services.items():  # the app image is built once, from the Dockerfile, for every executor
         if kind(name) == "superexec":
             assert service["build"]["dockerfile"] == "docker/Dockerfile" and service["image"].startswith("fedpatch-superexec:")
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_flower_telemetry_is_off_in_every_container_unless_the_deployer_turns_it_on(overrides: tuple[str, ...]) -> None:
+    # Flower posts platform details and a persistent id to telemetry.flower.ai from every
+    # process by default; a site's containers do not, unless FLWR_TELEMETRY_ENABLED=1 is set
+    for variables, expected in (({}, "0"), ({"FLWR_TELEMETRY_ENABLED": "1"}, "1")):
+        services = compose_with(variables, *overrides)["services"]
+        assert {name: service.get("environment", {}).get("FLWR_TELEMETRY_ENABLED") for name, service in services.items()} == dict.fromkeys(services, expected)
 
 
 def test_dev_setup_is_insecure_and_the_tls_override_is_not() -> None:

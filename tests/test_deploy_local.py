@@ -11,6 +11,7 @@ mid-run. Data: a tiny generated set; model: resnet18 with random weights at 64x6
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from fedpatch.data.synthetic import generate_autovi_dataset
 from fedpatch.deploy import DeploymentError, DeploymentOptions, LocalDeployment, NodeSpec, RunOutcome, connection_toml, run_config_text, split_into_sites
 from fedpatch.deploy import __main__ as deploy_cli
 from fedpatch.deploy import local as deploy_local
+from fedpatch.deploy.local import flower_env
 from fedpatch.deploy.processes import alive
 from fedpatch.errors import ConfigError, DataError
 from fedpatch.patchcore import read_model_file
@@ -79,6 +81,22 @@ def test_connection_file_names_the_local_superlink(tmp_path: Path) -> None:
         LocalDeployment(DeploymentOptions(tmp_path, [NodeSpec(tmp_path)], unregistered=frozenset({0})))
 
 
+def test_flower_processes_run_without_telemetry_unless_the_user_asks_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLWR_TELEMETRY_ENABLED", raising=False)
+    env = flower_env(tmp_path / "home", tmp_path / "bin")
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert env["FLWR_DISABLE_UPDATE_CHECK"] == env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert env["FLWR_HOME"] == str(tmp_path / "home") and env["PATH"].startswith(f"{tmp_path / 'bin'}{os.pathsep}")
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")  # an explicit choice is the user's to make
+    assert flower_env(tmp_path / "home", tmp_path / "bin")["FLWR_TELEMETRY_ENABLED"] == "1"
+
+
+def _environ(pid: int) -> dict[str, str]:
+    """The environment a running process was started with (Linux ``/proc``)."""
+    entries = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
+
+
 def _run_config(out: Path, nodes: int, **extra: str | int | float) -> str:
     return run_config_text({"output-dir": str(out), "min-nodes": nodes, "node-wait-timeout": 60, "overrides": TINY, **extra})
 
@@ -123,13 +141,17 @@ def test_a_run_whose_log_stream_ends_early_is_waited_for_until_the_superlink_fin
     assert failed.status == "no federation.json (Flower run status finished:failed: ServerApp exited with code 1)"
 
 
-def test_three_sites_over_tls_with_node_authentication_and_an_unregistered_node_refused(data: Path, tmp_path: Path, flower_app: Path) -> None:
+def test_three_sites_over_tls_with_node_authentication_and_an_unregistered_node_refused(data: Path, tmp_path: Path, flower_app: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLWR_TELEMETRY_ENABLED", raising=False)
     sites = split_into_sites(data, tmp_path / "sites", 3)
     nodes = [NodeSpec(s) for s in sites] + [NodeSpec(sites[0])]  # node 3: a fourth, unregistered site
     options = DeploymentOptions(tmp_path / "work", nodes, tls=True, node_auth=True, unregistered=frozenset({3}), app_dir=flower_app)
     out = tmp_path / "out"
     with LocalDeployment(options) as deployment:
         ids = [deployment.node_id(i) for i in range(3)]
+        # every Flower process runs with Flower's usage telemetry off (fedpatch.deploy.flower_env)
+        started = {m.name: _environ(m.pid).get("FLWR_TELEMETRY_ENABLED") for m in deployment.processes.managed}
+        assert started == dict.fromkeys(["superlink", *(f"supernode-{i}" for i in range(4))], "0"), started
         outcome = deployment.run(_run_config(out, 3), out, timeout=300)
         refused = deployment.node(3)
         _wait_for(lambda: refused.process.poll() is not None, 30, "the unregistered SuperNode to give up")

@@ -62,6 +62,7 @@ class Federation:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "FLWR_HOME": str(home),
             "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",  # as the README's exports
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.02",
             "RAY_DEDUP_LOGS": "0",

@@ -100,13 +100,20 @@ class RunOutcome:
 
 
 def flower_env(home: Path, bin_dir: Path) -> dict[str, str]:
-    """The environment of every Flower process: offline, private home, our binaries first."""
+    """The environment of every Flower process: offline, private home, our binaries first.
+
+    Flower's usage telemetry is off unless the caller's environment turns it on
+    (``FLWR_TELEMETRY_ENABLED=1``): by default every Flower process posts an event with the
+    host's platform and a persistent id to telemetry.flower.ai when it starts and stops, which
+    a site that may not share its images would not expect of a launcher.
+    """
     return {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
         "PYTHONUNBUFFERED": "1",
     }
 
