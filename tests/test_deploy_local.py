@@ -4,8 +4,8 @@
 its own site folder (``--node-config data-dir=...``), submits this repository's app with
 ``flwr run`` (the launcher test from the checkout, the others from the ``flower_app`` copy,
 which skips Flower's walk of ``.venv``) and stops every process it started. Tests check the ServerApp's result files,
-TLS + SuperNode authentication (an unregistered node is refused), and a SuperNode killed
-mid-run. Data: a tiny generated set; model: resnet18 with random weights at 64x64.
+TLS + SuperNode authentication (an unregistered node is refused), Flower's usage telemetry
+off in every process, and a SuperNode killed mid-run. Data: a tiny generated set; model: resnet18 with random weights at 64x64.
 """
 
 from __future__ import annotations
