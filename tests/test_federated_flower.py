@@ -19,9 +19,6 @@ that none is left.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,8 +31,8 @@ import torch
 
 from fedpatch import cli
 from fedpatch.data.synthetic import generate_autovi_dataset
-from fedpatch.deploy.local import started_run_id, wait_until_finished
-from fedpatch.deploy.processes import alive, descendants, free_port
+from fedpatch.deploy.local import flower_env, started_run_id, wait_until_finished
+from fedpatch.deploy.processes import ProcessSet, free_port, port_open
 from fedpatch.patchcore import read_model_file
 from fedpatch.report import read_results_csv
 
@@ -57,30 +54,19 @@ class Federation:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n',
             encoding="utf-8",
         )
-        self.env = {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_HOME": str(home),
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",  # as the README's exports
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.02",
-            "RAY_DEDUP_LOGS": "0",
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.log = (home / "superlink.log").open("w")
-        self.process = subprocess.Popen(
+        # the launcher's environment (offline, private home, telemetry off) and Ray's settings
+        self.env = {**flower_env(home, BIN), "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.02", "RAY_DEDUP_LOGS": "0"}
+        self.processes = ProcessSet(home, self.env)
+        self.superlink = self.processes.start(
+            "superlink",
             [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        self.started: set[int] = set()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            if self.process.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited: {(home / 'superlink.log').read_text()[-2000:]}")
+            if port_open(self.port):
+                return
+            if self.superlink.process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited: {self.superlink.log_text(2000)}")
             time.sleep(0.2)
         self.close()
         raise RuntimeError("flower-superlink did not start within 60 s")
@@ -95,7 +81,7 @@ class Federation:
         ]  # fmt: skip
         deadline = time.monotonic() + RUN_TIMEOUT
         done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-        self.started |= descendants(self.process.pid)
+        self.processes.remember_descendants()  # Ray's workers, stopped with the SuperLink
         log = done.stdout + done.stderr
         run_id = started_run_id(log)
         if run_id is not None:  # the log stream can end before the run does: ask the SuperLink
@@ -106,26 +92,8 @@ class Federation:
         return json.loads(summary.read_text()), log
 
     def close(self) -> None:
-        """Stop the SuperLink and everything it started, by pid; wait until they are gone."""
-        pids = self.started | descendants(self.process.pid) | {self.process.pid}
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                if alive(pid):
-                    try:
-                        os.kill(pid, sig)
-                    except ProcessLookupError:
-                        pass
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and any(alive(p) for p in pids):
-                if self.process.poll() is None:
-                    time.sleep(0.2)
-                else:
-                    time.sleep(0.1)
-            if not any(alive(p) for p in pids):
-                break
-        self.process.wait(timeout=10)
-        self.log.close()
-        self.leftover = sorted(p for p in pids if alive(p))
+        """Stop the SuperLink and everything it started (``ProcessSet.stop_all``); note what is left."""
+        self.leftover = self.processes.stop_all()
 
 
 @pytest.fixture(scope="module")
