@@ -9,8 +9,8 @@ until none is alive: nothing this module started outlives :meth:`ProcessSet.stop
 Each process gets each signal once. Flower's processes answer the first SIGTERM by putting
 the default handler back and exiting gracefully (a SuperNode signs off from the SuperLink on
 the way out); a second SIGTERM in that time kills them on the spot. When the group's members
-were also signalled one by one, a SuperNode stopped mid-run never signed off in 3 tries out
-of 3, and the SuperLink kept it listed until the round's timeout.
+were also signalled one by one, a SuperNode stopped mid-run died before it signed off, and the
+SuperLink kept it listed until the round's timeout.
 """
 
 from __future__ import annotations
