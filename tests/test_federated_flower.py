@@ -32,7 +32,8 @@ import torch
 from fedpatch import cli
 from fedpatch.data.synthetic import generate_autovi_dataset
 from fedpatch.deploy.local import flower_env, started_run_id, wait_until_finished
-from fedpatch.deploy.processes import ProcessSet, free_port, port_open
+from fedpatch.deploy import DeploymentError
+from fedpatch.deploy.processes import ProcessSet, free_port
 from fedpatch.patchcore import read_model_file
 from fedpatch.report import read_results_csv
 
@@ -61,15 +62,11 @@ class Federation:
             "superlink",
             [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port)],
         )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if port_open(self.port):
-                return
-            if self.superlink.process.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited: {self.superlink.log_text(2000)}")
-            time.sleep(0.2)
-        self.close()
-        raise RuntimeError("flower-superlink did not start within 60 s")
+        try:  # its log in the error if it exits or does not listen within 60 s
+            self.processes.wait_for_port(self.superlink, self.port, 60)
+        except DeploymentError:
+            self.close()
+            raise
 
     def run(self, name: str, nodes: int, run_config: str = "", overrides: str = "", federation: str = "") -> tuple[dict, str]:
         """``flwr run`` the app; returns (federation.json, the streamed log)."""
