@@ -1,11 +1,12 @@
-"""Exact bank search on the CPU: faiss's float32 kernel vs the screened int8 search.
+"""Exact bank search on the CPU: faiss's float32 kernel vs the screened int8 search, torch and native.
 
     python -m benchmarks.cpu_search_bench --out benchmarks/results
 
 ``MemoryBank.search`` (flat index, k = 1) runs ``fedpatch.screened_search`` on banks of at
 least ``SCREEN_MIN_DIM`` dims where the CPU has int8 dot-product instructions (VNNI or AMX), else
 ``faiss.knn``.
-This times both on every case (2 threads, interleaved repeats, medians), narrower banks
+This times faiss, the torch screen and the native one (``fedpatch.native_screen``, where the
+CPU runs it) on every case (2 threads, interleaved repeats, medians), narrower banks
 included, which is where the dimension threshold comes from, and measures what the screen
 does: candidates per query (rows whose float32 distance it computes), and for each kernel the
 share of queries whose neighbour is a nearest one by float64 arithmetic and the largest
@@ -30,7 +31,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fedpatch import screened_search  # noqa: E402
+from fedpatch import native_screen, screened_search  # noqa: E402
 from fedpatch.memory_bank import SCREEN_MIN_DIM  # noqa: E402
 
 CASES = [  # (feature dim, bank rows, queries): narrow banks, lite0 (152), resnet18 (384), WRN-50-2 (1536)
@@ -89,28 +90,39 @@ def _float64_check(bank: np.ndarray, queries: np.ndarray, indices: np.ndarray, d
 
 
 def _case(label: str, vectors: np.ndarray, queries: np.ndarray, repeats: int, screen: bool) -> dict[str, float | int | str]:
-    times: dict[str, list[float]] = {"faiss": [], "screened": []}
-    search = screened_search.ScreenedSearch(vectors) if screen else None
-    for _ in range(repeats):  # interleaved, so both see the same machine state
+    """faiss, the torch screen and (where it runs) the native screen on one case, interleaved."""
+    searches = {}
+    if screen and screened_search.int8_product_exact():
+        searches["screened"] = screened_search.ScreenedSearch(vectors, native=False)
+    if native_screen.available():
+        searches["native"] = screened_search.ScreenedSearch(vectors, native=True)
+    times: dict[str, list[float]] = {name: [] for name in ("faiss", *searches)}
+    answers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for _ in range(repeats):  # interleaved, so all see the same machine state
         start = time.perf_counter()
         faiss_sq, faiss_idx = faiss.knn(queries, vectors, 1)
         times["faiss"].append(time.perf_counter() - start)
-        if search is not None:
+        for name, search in searches.items():
             start = time.perf_counter()
-            ours, our_idx = search.nearest(queries)
-            times["screened"].append(time.perf_counter() - start)
+            answers[name] = search.nearest(queries)
+            times[name].append(time.perf_counter() - start)
     faiss_d = np.sqrt(np.maximum(faiss_sq[:, 0], 0.0))
     faiss_s = statistics.median(times["faiss"])
+    uses = "faiss"
+    if vectors.shape[1] >= SCREEN_MIN_DIM and screen:
+        uses = "native" if "native" in searches else "screened"
     row: dict[str, float | int | str] = {
-        "data": label, "dim": vectors.shape[1], "bank_rows": len(vectors), "queries": len(queries), "faiss_s": faiss_s,
-        "search_uses": "screened" if vectors.shape[1] >= SCREEN_MIN_DIM and screen else "faiss",
+        "data": label, "dim": vectors.shape[1], "bank_rows": len(vectors), "queries": len(queries), "faiss_s": faiss_s, "search_uses": uses,
     }  # fmt: skip
-    if search is not None:
-        screened_s = statistics.median(times["screened"])
-        row.update(screened_s=screened_s, screened_speedup=faiss_s / screened_s, candidates_per_query=search.candidates / (repeats * len(queries)))
+    for name, search in searches.items():
+        seconds = statistics.median(times[name])
+        row.update({f"{name}_s": seconds, f"{name}_speedup": faiss_s / seconds, f"{name}_candidates_per_query": search.candidates / (repeats * len(queries))})
+    if "screened" in searches and "native" in searches:
+        row["native_vs_screened"] = row["screened_s"] / row["native_s"]  # type: ignore[operator]
+        row["same_neighbours"] = int(np.array_equal(answers["screened"][1], answers["native"][1]))
     checks = {"faiss": _float64_check(vectors, queries, faiss_idx[:, 0], faiss_d)}
-    if search is not None:
-        checks["screened"] = _float64_check(vectors, queries, our_idx, ours)
+    for name, (distances, indices) in answers.items():
+        checks[name] = _float64_check(vectors, queries, indices, distances)
     row.update({f"{kernel}_f64_nearest": nearest for kernel, (nearest, _) in checks.items()})
     row.update({f"{kernel}_max_abs_err": error for kernel, (_, error) in checks.items()})
     row["median_distance"] = float(np.median(faiss_d))
@@ -147,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.repeats)
     from benchmarks.run import write_rows
 
-    caption = (f"Command: `python -m benchmarks.cpu_search_bench --name {args.name}` on {machine()}; both kernels timed on every "
-               f"case; `search_uses` is the kernel MemoryBank.search picks for k = 1 (faiss below {SCREEN_MIN_DIM} dims or "
-               f"without int8 dot-product instructions); seconds are medians of {args.repeats} interleaved repeats; `*_f64_nearest` is "
+    caption = (f"Command: `python -m benchmarks.cpu_search_bench --name {args.name}` on {machine()}; every kernel timed on every "
+               f"case (`screened`: the torch screen, `native`: the C kernel); `search_uses` is the kernel MemoryBank.search picks for "
+               f"k = 1 (faiss below {SCREEN_MIN_DIM} dims or without int8 dot-product instructions); `native_vs_screened` is the "
+               f"torch screen's time over the native one's, `same_neighbours` whether they returned the same rows; seconds are medians of {args.repeats} interleaved repeats; `*_f64_nearest` is "
                f"the share of (up to {REFERENCE_QUERIES}) queries whose neighbour is a nearest one by float64 arithmetic, "
                f"errors are against float64 distances.")  # fmt: skip
     write_rows(args.out, args.name, "exact bank search on the CPU: faiss float32 vs the screened int8 search", caption, rows,

@@ -36,6 +36,14 @@ arithmetic's magnitudes (done in float32), and the threshold ``margin`` whole un
 3.9-6.7 for efficientnet_lite0 and 40-49 for WRN-50-2 with random weights
 (``benchmarks/results/cpu_search_zen4.md``).
 
+Two implementations, the same arithmetic: the native one (``fedpatch.native_screen``, a C
+kernel built at install, used wherever the CPU has AVX512-VNNI) takes each block's largest
+``P`` while the sums are in registers and finishes each query (bounds, candidates, distances,
+pick) while its numbers are in cache; the torch one below writes every product and passes over
+them with torch and numpy. Both compute the bound's float32 steps operation for operation, so
+they keep the same candidates and return the same rows; on efficientnet_lite0 features the
+native screen searched 2.1-2.4x as fast (``benchmarks/results/cpu_search_zen4.md``).
+
 Codes stay within [-127, 127] (``|c_i| / s_q <= 127`` up to one rounding, which rounds to
 127), so a product of ``D`` dims is at most ``127^2 D`` and fits int32 below ``MAX_DIM``.
 The search is used only where torch's int8 product runs natively (``native_int8_cpu``) and
@@ -57,6 +65,7 @@ import faiss
 import numpy as np
 import torch
 
+from fedpatch import native_screen
 from fedpatch.hardware import native_int8_cpu
 
 BLOCK = 32
@@ -92,7 +101,10 @@ class ScreenedSearch:
     per block, besides a reference to the float32 vectors the final distances come from.
     """
 
-    def __init__(self, vectors: np.ndarray) -> None:
+    def __init__(self, vectors: np.ndarray, native: bool | None = None) -> None:
+        """``native``: screen with the C kernel (``fedpatch.native_screen``) rather than torch
+        and numpy; by default wherever it is available. Both return the same neighbours and
+        candidates; the choice exists for the tests and benchmarks that compare them."""
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         rows, dim = self.vectors.shape
         if dim > MAX_DIM:
@@ -110,7 +122,7 @@ class ScreenedSearch:
         # pad to whole blocks with copies of the widest row: real rows, so every bound holds
         self.order = np.concatenate([order, np.repeat(order[-1:], -rows % BLOCK)])
         blocks = len(self.order) // BLOCK
-        self.codes = torch.empty(dim, len(self.order), dtype=torch.int8)
+        codes = np.empty((len(self.order), dim), dtype=np.int8)  # sorted bank rows
         scale, low_max = np.empty(blocks), np.empty(blocks)
         for start in range(0, len(self.order), BUILD_ROWS):
             centred = self.vectors[self.order[start : start + BUILD_ROWS]] - mean  # float64
@@ -119,10 +131,10 @@ class ScreenedSearch:
             peak = np.abs(grouped).max(axis=(1, 2)) / CODE_MAX
             peak[peak == 0] = 1.0  # an all-zero block: any scale
             scale[first : first + len(grouped)] = peak
-            codes = np.rint(grouped / peak[:, None, None])
-            residue = np.linalg.norm((grouped - codes * peak[:, None, None]).reshape(-1, dim), axis=1)
+            rounded = np.rint(grouped / peak[:, None, None])
+            residue = np.linalg.norm((grouped - rounded * peak[:, None, None]).reshape(-1, dim), axis=1)
             low_max[first : first + len(grouped)] = residue.reshape(-1, BLOCK).max(axis=1)
-            self.codes[:, start : start + len(centred)] = torch.from_numpy(codes.reshape(-1, dim).T.astype(np.int8))
+            codes[start : start + len(centred)] = rounded.reshape(-1, dim)
         sorted_squares = squares[self.order].reshape(blocks, BLOCK)
         hi = sorted_squares.max(axis=1)
         # per-block numbers in float32: the first pass's arithmetic, [queries x blocks], made the
@@ -145,6 +157,16 @@ class ScreenedSearch:
         self.gamma = (dim + 4) * U_FP32 / (1 - (dim + 4) * U_FP32)
         self.candidates = 0
         """Candidate pairs whose float32 distances were computed, over every search so far."""
+        self.native: native_screen.NativeScreen | None = None
+        self.codes: torch.Tensor | None = None
+        """The torch screen's codes ``[D, M]`` (the right operand of ``torch._int_mm``); the
+        native screen keeps its own layout instead, so only one copy is held."""
+        if native_screen.available() if native is None else native:
+            numbers = {name: getattr(self, name).numpy()[0] for name in ("lo", "hi", "unit", "norm_term", "low_term")}
+            scalars = ("squares_max", "norm_term_max", "low_term_max", "reach", "gamma", "margin")
+            self.native = native_screen.NativeScreen(codes, {"mean": self.mean, **numbers, **{name: getattr(self, name) for name in scalars}}, self.vectors, self.order)
+        else:
+            self.codes = torch.from_numpy(np.ascontiguousarray(codes.T))
 
     def nearest(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact nearest bank row of each query row: ``(distances [N], indices [N])``.
@@ -161,9 +183,12 @@ class ScreenedSearch:
         count = len(query)
         distances = np.full(count, np.nan, dtype=np.float32)
         indices = np.full(count, -1, dtype=np.int64)
-        chunk = min(max(16, CELLS // self.codes.shape[1]), max(count, 1))
+        if self.native is not None:
+            self.candidates += self.native.nearest(query, distances, indices)
+            return distances, indices
+        chunk = min(max(16, CELLS // len(self.order)), max(count, 1))
         group = chunk * max(1, GROUP_CELLS // (chunk * self.dim))
-        products = torch.empty(chunk, self.codes.shape[1], dtype=torch.int32)  # reused: no page faults per chunk
+        products = torch.empty(chunk, len(self.order), dtype=torch.int32)  # reused: no page faults per chunk
         faiss.omp_set_num_threads(torch.get_num_threads())
         for start in range(0, count, group):
             queries = self._quantise(torch.from_numpy(query[start : start + group]))
@@ -219,6 +244,7 @@ class ScreenedSearch:
         arrays, sorted by query row. ``products`` is an int32 buffer of at least the chunk's
         rows."""
         products = products[: queries.count]
+        assert self.codes is not None  # the torch screen's bank (not built where the native one runs)
         torch._int_mm(queries.codes, self.codes, out=products)
         scale, high_bound, low_bound = queries.scale, queries.high_bound, queries.low_bound
         error = torch.addcmul(low_bound[:, None] * self.norm_term, high_bound[:, None], self.low_term)
@@ -310,6 +336,7 @@ def int8_product_exact(product: Callable[[torch.Tensor, torch.Tensor], torch.Ten
 
 @lru_cache(maxsize=1)
 def available() -> bool:
-    """True on a CPU with native int8 products (VNNI or AMX) whose product passes
-    ``int8_product_exact`` (checked once per process)."""
-    return native_int8_cpu() and int8_product_exact()
+    """True where the native screen runs (AVX512-VNNI, the kernel built), or on a CPU with
+    native int8 products (VNNI or AMX) whose torch product passes ``int8_product_exact``
+    (checked once per process)."""
+    return native_screen.available() or (native_int8_cpu() and int8_product_exact())

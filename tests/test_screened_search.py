@@ -1,5 +1,6 @@
 """The screened int8 search: exact nearest neighbours against float64, on the sets where a
-low-precision or float32 product goes wrong; the screen's pruning; its self-check."""
+low-precision or float32 product goes wrong, with the torch screen and the native one; the
+screen's pruning; its self-check."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedpatch import screened_search
+from fedpatch import native_screen, screened_search
 from fedpatch.screened_search import ScreenedSearch, int8_product_exact
 
-pytestmark = pytest.mark.skipif(not int8_product_exact(), reason="torch's int8 product here is not exact: the search is not used")
+TORCH_EXACT = int8_product_exact()
+torch_screen = pytest.mark.skipif(not TORCH_EXACT, reason="torch's int8 product here is not exact: the torch screen is not used")
+KERNELS = [
+    pytest.param(False, id="torch", marks=torch_screen),
+    pytest.param(True, id="native", marks=pytest.mark.skipif(not native_screen.available(), reason="no AVX512-VNNI here (tests/test_native_screen.py checks the build)")),
+]
 
 
 def float64_nearest(bank: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -42,10 +48,11 @@ def hard_sets(rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarra
     }
 
 
+@pytest.mark.parametrize("native", KERNELS)
 @pytest.mark.parametrize("name", ["near queries", "bank members", "large offset, near ties", "duplicated rows", "far queries", "one row", "three dims"])
-def test_nearest_is_the_float64_nearest(rng: np.random.Generator, name: str) -> None:
+def test_nearest_is_the_float64_nearest(rng: np.random.Generator, name: str, native: bool) -> None:
     bank, query = hard_sets(rng)[name]
-    distances, indices = ScreenedSearch(bank).nearest(query)
+    distances, indices = ScreenedSearch(bank, native=native).nearest(query)
     ref_d, ref_i = float64_nearest(bank, query)
     assert indices.dtype == np.int64 and distances.dtype == np.float32
     assert np.array_equal(indices, ref_i)
@@ -54,18 +61,20 @@ def test_nearest_is_the_float64_nearest(rng: np.random.Generator, name: str) -> 
         assert np.all(distances == 0)
 
 
-def test_ties_go_to_the_lowest_index(rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("native", KERNELS)
+def test_ties_go_to_the_lowest_index(rng: np.random.Generator, native: bool) -> None:
     bank = relu_like(rng, 200, 96)
     bank[150] = bank[40]
     bank[199] = bank[40]
-    distances, indices = ScreenedSearch(bank).nearest(bank[[199, 150, 40]])
+    distances, indices = ScreenedSearch(bank, native=native).nearest(bank[[199, 150, 40]])
     assert indices.tolist() == [40, 40, 40] and distances.tolist() == [0, 0, 0]
 
 
+@torch_screen
 def test_screen_keeps_the_nearest_row_and_prunes_the_rest(rng: np.random.Generator) -> None:
     bank, query = hard_sets(rng)["near queries"]
-    search = ScreenedSearch(bank)
-    products = torch.empty(len(query), search.codes.shape[1], dtype=torch.int32)
+    search = ScreenedSearch(bank, native=False)
+    products = torch.empty(len(query), len(search.order), dtype=torch.int32)
     rows, found = search._screen(search._quantise(torch.from_numpy(query)), products)
     _, truth = float64_nearest(bank, query)
     pairs = set(zip(rows.tolist(), search.order[found].tolist()))
@@ -79,7 +88,8 @@ def test_bank_is_sorted_by_norm_and_padded_with_real_rows(rng: np.random.Generat
     """Blocks hold rows of similar norms (a narrow norm range per block) and the padding
     repeats the widest row, so every block's bounds describe real rows."""
     bank = relu_like(rng, 100, 48) * rng.uniform(0.1, 10, size=(100, 1)).astype(np.float32)
-    search = ScreenedSearch(bank)
+    search = ScreenedSearch(bank, native=False)
+    assert search.codes is not None and search.native is None
     assert len(search.order) == 128 and search.codes.shape == (48, 128)
     assert sorted(search.order[:100].tolist()) == list(range(100)) and np.all(search.order[100:] == search.order[99])
     squares = ((bank.astype(np.float64) - search.mean) ** 2).sum(axis=1)[search.order]
@@ -89,15 +99,16 @@ def test_bank_is_sorted_by_norm_and_padded_with_real_rows(rng: np.random.Generat
     assert int(search.codes.abs().max()) == 127  # each block uses its whole int8 range
 
 
+@pytest.mark.parametrize("native", KERNELS)
 @pytest.mark.parametrize("dim", [3, 40, 300])
-def test_zero_rows_and_zero_queries(rng: np.random.Generator, dim: int) -> None:
+def test_zero_rows_and_zero_queries(rng: np.random.Generator, dim: int, native: bool) -> None:
     """An all-zero block (scale 1) and queries at the bank's mean (scale 1, codes 0) still
     find their exact neighbours."""
     bank = np.zeros((70, dim), dtype=np.float32)
     bank[40:55] = relu_like(rng, 15, dim)
     bank[55:] = -bank[40:55]  # the mean is exactly 0: the 40 zero rows fill a block at the mean
     query = np.concatenate([np.zeros((3, dim)), bank[::7] + 1e-3, bank[1::9] * 0.5]).astype(np.float32)
-    search = ScreenedSearch(bank)
+    search = ScreenedSearch(bank, native=native)
     assert not search.mean.any() and float(search.unit[0, 0]) == 2.0  # scale 1 for the zero block
     distances, indices = search.nearest(query)
     ref_d, ref_i = float64_nearest(bank, query)
@@ -105,14 +116,16 @@ def test_zero_rows_and_zero_queries(rng: np.random.Generator, dim: int) -> None:
     np.testing.assert_allclose(distances, ref_d, rtol=2e-6, atol=1e-6)
 
 
+@torch_screen
 def test_chunked_queries_and_build_give_the_one_chunk_answer(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     bank, query = hard_sets(rng)["near queries"]
-    whole = ScreenedSearch(bank)
+    whole = ScreenedSearch(bank, native=False)
     whole_answer = whole.nearest(query)
     monkeypatch.setattr(screened_search, "CELLS", 64 * 1504)  # 64 rows a chunk: 11 chunks, the last partial
     monkeypatch.setattr(screened_search, "BUILD_ROWS", 96)  # and the bank built 96 rows at a time
     monkeypatch.setattr(screened_search, "GROUP_CELLS", 3 * 64 * 192)  # 3 chunks a group: 4 groups, the last of 2 chunks
-    search = ScreenedSearch(bank)
+    search = ScreenedSearch(bank, native=False)
+    assert search.codes is not None and whole.codes is not None
     assert torch.equal(search.codes, whole.codes) and np.array_equal(search.order, whole.order)
     assert all(torch.equal(getattr(search, name), getattr(whole, name)) for name in ("lo", "hi", "unit", "norm_term", "low_term"))
     picks = count_picks(search, monkeypatch)
@@ -135,6 +148,7 @@ def count_picks(search: ScreenedSearch, monkeypatch: pytest.MonkeyPatch) -> list
     return calls
 
 
+@torch_screen
 def test_ties_everywhere_pick_a_chunk_at_a_time(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bank of one repeated row makes every pair a candidate: the candidates are picked as
     soon as ``CELLS`` of them wait (here every chunk), not a group at a time, and the lowest
@@ -142,7 +156,7 @@ def test_ties_everywhere_pick_a_chunk_at_a_time(rng: np.random.Generator, monkey
     bank = np.repeat(relu_like(rng, 1, 24), 100, axis=0)
     query = relu_like(rng, 50, 24)
     monkeypatch.setattr(screened_search, "CELLS", 16 * 128)  # 16 rows a chunk against 128 (padded) rows
-    search = ScreenedSearch(bank)
+    search = ScreenedSearch(bank, native=False)
     picks = count_picks(search, monkeypatch)
     distances, indices = search.nearest(query)
     assert search.candidates == 50 * 128 and picks == [16, 16, 16, 2]
@@ -150,11 +164,12 @@ def test_ties_everywhere_pick_a_chunk_at_a_time(rng: np.random.Generator, monkey
     np.testing.assert_allclose(distances, float64_nearest(bank, query)[0], rtol=2e-6)
 
 
-def test_non_finite_rows_are_left_unmatched(rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("native", KERNELS)
+def test_non_finite_rows_are_left_unmatched(rng: np.random.Generator, native: bool) -> None:
     bank = relu_like(rng, 300, 80)
     query = bank[:5].copy()
     query[1, 3], query[3, 0] = np.nan, -np.inf
-    distances, indices = ScreenedSearch(bank).nearest(query)
+    distances, indices = ScreenedSearch(bank, native=native).nearest(query)
     assert indices.tolist() == [0, -1, 2, -1, 4]
     assert np.isnan(distances[[1, 3]]).all() and np.all(distances[[0, 2, 4]] == 0)
 
@@ -200,7 +215,7 @@ def test_self_check_refuses_inexact_products(product: Callable[[torch.Tensor, to
     assert int8_product_exact(product) is accepted
 
 
-def test_a_torch_without_an_int8_product_keeps_the_search_on_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
-    # (torch's own product passing the check is what runs this module at all: see pytestmark)
+@torch_screen
+def test_a_torch_without_an_int8_product_fails_the_self_check(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(torch, "_int_mm")
     assert int8_product_exact() is False
