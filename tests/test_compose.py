@@ -172,6 +172,8 @@ def test_dockerfile_installs_the_app_from_pyproject_with_the_constraints() -> No
     assert "FROM flwr/superexec:${FLWR_VERSION}" in text
     assert 'ENTRYPOINT ["flower-superexec"]' in text
     assert re.search(r"pip install .*-c constraints\.txt", text)
+    # the native search is an optional extension: the image brings a compiler and checks it was built
+    assert re.search(r"apt-get install .*\bgcc\b", text) and "find_spec('fedpatch._screen_kernel')" in text
     copied = {p for line in re.findall(r"^COPY .*$", text, re.M) for p in line.split()[2:-1]}
     packages = yaml.safe_load("x: " + re.search(r'include = (\[.*\])', (REPO / "pyproject.toml").read_text()).group(1))["x"]
     needed = {p.rstrip("*") for p in packages} | {"pyproject.toml", "constraints.txt", "configs", "README.md"}
