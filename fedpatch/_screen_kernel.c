@@ -4,17 +4,19 @@
  * chunk, 111 MB per 1000x750 efficientnet_lite0 image) and then reads them back some twenty
  * times: block maxima, bounds, candidates, their gathering and the final pick. Here each
  * tile of TILE queries takes its block maxima while the sums are still in registers
- * (AVX512-VNNI), so the products are never stored; the bounds, the candidates' products (one
- * block of 32 rows at a time, recomputed), their float32 distances and the pick follow while
- * the tile's numbers are in the first-level cache.
+ * (AVX512-VNNI), so the products never go to memory in bulk; the bounds, the passing blocks'
+ * products (kept in L2 for a small bank, recomputed a block of 32 rows at a time for a large
+ * one), the candidates' float32 distances and the pick follow while the query's numbers are
+ * in cache.
  *
  * The arithmetic is that of screened_search.py, operation for operation in float32 (built
  * with -ffp-contract=off, so no multiply-add is fused where torch rounds twice); see that
  * module's docstring for the bound. The product is exact: the bank's codes are stored
  * unsigned (code + 128) for vpdpbusd, and 128 times the query's code sum is subtracted.
  *
- * Only plain C types cross the boundary (no Python objects): screened_search loads this
- * library with ctypes, which releases the GIL, so one thread per core runs its own rows.
+ * Only plain C types cross the boundary (no Python objects): fedpatch/native_screen.py loads
+ * this library with ctypes, which releases the GIL, and splits the rows over torch's OpenMP
+ * threads (fp_nearest_team) or, failing that, over Python threads (fp_nearest per part).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -43,6 +45,14 @@ typedef struct {
     const float *vectors;   /* [rows][dim] the float32 bank, unsorted */
     const int64_t *order;   /* sorted row -> bank row */
 } fp_bank;
+
+/* Four int8 codes as one int32, the operand vpdpbusd broadcasts (memcpy: no aliasing or
+ * alignment assumption; it compiles to a single load). */
+static inline int32_t four_codes(const int8_t *codes) {
+    int32_t value;
+    memcpy(&value, codes, sizeof value);
+    return value;
+}
 
 /* Per-query numbers of screened_search._quantise. */
 typedef struct {
@@ -114,7 +124,7 @@ static void tile_block_max(const fp_bank *bank, const int8_t *codes, int64_t fir
             const __m512i b0 = _mm512_loadu_si512(b + g * (4 * BLOCK));
             const __m512i b1 = _mm512_loadu_si512(b + g * (4 * BLOCK) + 64);
             for (int i = 0; i < TILE; i++) {
-                const __m512i a = _mm512_set1_epi32(*(const int32_t *)(codes + i * pd + g * 4));
+                const __m512i a = _mm512_set1_epi32(four_codes(codes + i * pd + g * 4));
                 acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], b0, a);
                 acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], b1, a);
             }
@@ -141,13 +151,13 @@ static void block_products(const fp_bank *bank, const int8_t *codes, int64_t k, 
     int64_t g = 0;
     for (; g + 4 <= groups; g += 4) {
         for (int j = 0; j < 4; j++) {
-            const __m512i a = _mm512_set1_epi32(*(const int32_t *)(codes + (g + j) * 4));
+            const __m512i a = _mm512_set1_epi32(four_codes(codes + (g + j) * 4));
             acc[j][0] = _mm512_dpbusd_epi32(acc[j][0], _mm512_loadu_si512(b + (g + j) * (4 * BLOCK)), a);
             acc[j][1] = _mm512_dpbusd_epi32(acc[j][1], _mm512_loadu_si512(b + (g + j) * (4 * BLOCK) + 64), a);
         }
     }
     for (; g < groups; g++) {
-        const __m512i a = _mm512_set1_epi32(*(const int32_t *)(codes + g * 4));
+        const __m512i a = _mm512_set1_epi32(four_codes(codes + g * 4));
         acc[0][0] = _mm512_dpbusd_epi32(acc[0][0], _mm512_loadu_si512(b + g * (4 * BLOCK)), a);
         acc[0][1] = _mm512_dpbusd_epi32(acc[0][1], _mm512_loadu_si512(b + g * (4 * BLOCK) + 64), a);
     }

@@ -36,6 +36,10 @@ beside the query panel and the block maxima."""
 KEEP_CODES = 512 * 1024
 """Largest bank (bytes of codes) searched one query tile at a time over the whole bank, with
 the tile's products kept in L2 for the passing blocks rather than recomputed."""
+MAX_DIM = (2**31 - 1) // (255 * 127)
+"""Widest bank the kernel takes (66,311 dims): its sums of unsigned bank codes (up to 255)
+times signed query codes (up to 127 in size) must fit int32 before the correction, or the
+block maxima would be taken of wrapped values."""
 ROWS_PER_THREAD = 512
 """Fewest query rows worth a thread of their own (a thread's start costs tens of µs)."""
 
@@ -134,6 +138,8 @@ class NativeScreen:
             raise RuntimeError("the native screen is not available on this machine")
         self._library = library
         rows, dim = codes.shape
+        if dim > MAX_DIM:
+            raise ValueError(f"the native screen handles up to {MAX_DIM} dims, got {dim}")
         padded = -(-dim // 4) * 4
         blocks = rows // 32
         wide = np.zeros((rows, padded), dtype=np.int16)

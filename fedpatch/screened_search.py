@@ -42,7 +42,8 @@ kernel built at install, used wherever the CPU has AVX512-VNNI) takes each block
 pick) while its numbers are in cache; the torch one below writes every product and passes over
 them with torch and numpy. Both compute the bound's float32 steps operation for operation, so
 they keep the same candidates and return the same rows; on efficientnet_lite0 features the
-native screen searched 2.1-2.4x as fast (``benchmarks/results/cpu_search_zen4.md``).
+native screen searched 3.6-3.8x as fast (``benchmarks/results/cpu_search_zen4.md``). Banks
+wider than ``native_screen.MAX_DIM`` (66,311 dims) stay on the torch screen.
 
 Codes stay within [-127, 127] (``|c_i| / s_q <= 127`` up to one rounding, which rounds to
 127), so a product of ``D`` dims is at most ``127^2 D`` and fits int32 below ``MAX_DIM``.
@@ -97,8 +98,9 @@ float64 temporaries, 48 MiB each at 1536 dims)."""
 class ScreenedSearch:
     """Exact 1-nearest-neighbour search of a fixed float32 bank (see the module docstring).
 
-    Holds the bank's int8 codes (``[D, M]``, a quarter of the bank's size) and a few numbers
-    per block, besides a reference to the float32 vectors the final distances come from.
+    Holds the bank's int8 codes (a quarter of the bank's size: ``codes`` ``[D, M]`` for the
+    torch screen, or the native screen's own layout) and a few numbers per block, besides a
+    reference to the float32 vectors the final distances come from.
     """
 
     def __init__(self, vectors: np.ndarray, native: bool | None = None) -> None:
@@ -161,7 +163,9 @@ class ScreenedSearch:
         self.codes: torch.Tensor | None = None
         """The torch screen's codes ``[D, M]`` (the right operand of ``torch._int_mm``); the
         native screen keeps its own layout instead, so only one copy is held."""
-        if native_screen.available() if native is None else native:
+        if native is None:
+            native = native_screen.available() and dim <= native_screen.MAX_DIM
+        if native:
             numbers = {name: getattr(self, name).numpy()[0] for name in ("lo", "hi", "unit", "norm_term", "low_term")}
             scalars = ("squares_max", "norm_term_max", "low_term_max", "reach", "gamma", "margin")
             self.native = native_screen.NativeScreen(codes, {"mean": self.mean, **numbers, **{name: getattr(self, name) for name in scalars}}, self.vectors, self.order)

@@ -122,3 +122,16 @@ def test_a_missing_or_unsupported_library_leaves_the_torch_screen(monkeypatch: p
         native_screen.NativeScreen(np.zeros((32, 8), np.int8), {}, np.zeros((32, 8), np.float32), np.arange(32))
     search = ScreenedSearch(np.ones((40, 130), np.float32))
     assert search.native is None and search.codes is not None
+
+
+@needs_native
+def test_banks_too_wide_for_int32_sums_stay_on_the_torch_screen() -> None:
+    """Unsigned bank codes (up to 255) times signed query codes: 66,311 dims is the widest
+    bank whose sums fit int32; a wider one is refused by the kernel and left to torch."""
+    assert native_screen.MAX_DIM == 66_311 and 255 * 127 * 66_311 < 2**31 <= 255 * 127 * 66_312
+    wide = np.ones((32, native_screen.MAX_DIM + 1), np.float32)
+    wide[::2] = -1
+    search = ScreenedSearch(wide)
+    assert search.native is None and search.codes is not None
+    with pytest.raises(ValueError, match="up to 66311 dims"):
+        ScreenedSearch(wide, native=True)
