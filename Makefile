@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test bench
 
-$(STAMP): pyproject.toml constraints.txt
+# the install compiles the native bank search (fedpatch/_screen_kernel.c): a changed source reinstalls
+$(STAMP): pyproject.toml constraints.txt fedpatch/_screen_kernel.c
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
@@ -27,7 +28,7 @@ BENCH_VENV ?= .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-$(BENCH_STAMP): pyproject.toml constraints.txt
+$(BENCH_STAMP): pyproject.toml constraints.txt fedpatch/_screen_kernel.c
 	python3 -m venv $(BENCH_VENV)
 	$(BENCH_PY) -m pip install --quiet --upgrade pip
 	$(BENCH_PY) -m pip install --quiet -c constraints.txt -e . "anomalib==2.7.*"
