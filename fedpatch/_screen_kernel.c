@@ -54,6 +54,11 @@ static inline int32_t four_codes(const int8_t *codes) {
     return value;
 }
 
+/* The lanes of a 16-lane vector that hold values when `remaining` are left (all 16 if more). */
+static inline __mmask16 lanes(int64_t remaining) {
+    return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
+}
+
 /* Per-query numbers of screened_search._quantise. */
 typedef struct {
     float scale, high_bound, low_bound, magnitude, slack;
@@ -70,7 +75,7 @@ static void quantise(const fp_bank *bank, const float *row, int8_t *codes, float
     __m512 peak_v = _mm512_setzero_ps();
     __mmask16 finite = 0xFFFF;
     for (int64_t i = 0; i < dim; i += 16) {
-        const __mmask16 m = dim - i >= 16 ? 0xFFFF : (__mmask16)((1u << (dim - i)) - 1);
+        const __mmask16 m = lanes(dim - i);
         const __m512 c = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + i), _mm512_maskz_loadu_ps(m, bank->mean + i));
         _mm512_storeu_ps(work + i, c); /* work holds dim rounded up to 16 */
         /* finite: |c| <= FLT_MAX, false for inf and NaN */
@@ -87,7 +92,7 @@ static void quantise(const fp_bank *bank, const float *row, int8_t *codes, float
     __m512i sum_v = _mm512_setzero_si512();
     __m512 high_v = _mm512_setzero_ps(), low_v = _mm512_setzero_ps();
     for (int64_t i = 0; i < dim; i += 16) {
-        const __mmask16 m = dim - i >= 16 ? 0xFFFF : (__mmask16)((1u << (dim - i)) - 1);
+        const __mmask16 m = lanes(dim - i);
         const __m512 c = _mm512_maskz_loadu_ps(m, work + i);
         /* half to even, as torch.round */
         const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(c, scale_v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -174,7 +179,7 @@ static float squared_distance(const float *x, const float *y, int64_t n) {
         acc = _mm512_add_ps(acc, _mm512_mul_ps(d, d));
     }
     if (i < n) {
-        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        const __mmask16 m = lanes(n - i);
         __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i));
         acc = _mm512_add_ps(acc, _mm512_mul_ps(d, d));
     }
@@ -195,7 +200,7 @@ static int64_t finish_query(const fp_bank *bank, const fp_query *q, const int8_t
     const __m512 scale = _mm512_set1_ps(q->scale);
     __m512 upper_v = _mm512_set1_ps(INFINITY);
     for (int64_t k = 0; k < blocks; k += 16) {
-        const __mmask16 m = blocks - k >= 16 ? 0xFFFF : (__mmask16)((1u << (blocks - k)) - 1);
+        const __mmask16 m = lanes(blocks - k);
         const __m512i bmax = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, maxima + k), correction);
         _mm512_mask_storeu_epi32(maxima + k, m, bmax);
         const __m512 error = _mm512_add_ps(_mm512_mul_ps(low_bound, _mm512_maskz_loadu_ps(m, bank->norm_term + k)),
@@ -212,7 +217,7 @@ static int64_t finish_query(const fp_bank *bank, const fp_query *q, const int8_t
     const __m512 floor_min = _mm512_set1_ps(-2147483648.0f), ceiling = _mm512_set1_ps(INT32_BELOW);
     int64_t count = 0;
     for (int64_t k = 0; k < blocks; k += 16) {
-        const __mmask16 m = blocks - k >= 16 ? 0xFFFF : (__mmask16)((1u << (blocks - k)) - 1);
+        const __mmask16 m = lanes(blocks - k);
         const __m512 error = _mm512_add_ps(_mm512_mul_ps(low_bound, _mm512_maskz_loadu_ps(m, bank->norm_term + k)),
                                            _mm512_mul_ps(high_bound, _mm512_maskz_loadu_ps(m, bank->low_term + k)));
         const __m512 unit = _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(m, bank->unit + k));

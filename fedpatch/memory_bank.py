@@ -21,9 +21,9 @@ search of banks at least ``SCREEN_MIN_DIM`` wide (what PatchCore's scores and th
 radius ask for) runs ``fedpatch.screened_search``: an exact int8 product screens the bank
 with a proven error bound and float32 distances decide among the few rows it cannot rule
 out. The result is the exact nearest neighbour (it agreed with float64 on every query
-measured; its distances are within 3e-6 of float64's, faiss's within 1e-4 to 9e-3) at
-1.3-2.9x faiss's speed on 2 threads, the most on the widest banks
-(``benchmarks/results/cpu_search_zen4.md``). Other searches (k > 1, narrower banks, CPUs
+measured; its distances are within 3e-6 of float64's, faiss's within 1e-4 to 9e-3). On 2
+threads its native kernel (AVX512-VNNI) ran at 2.0-6.2x faiss's speed and its torch form at
+1.1-2.6x (``benchmarks/results/cpu_search_zen4.md``). Other searches (k > 1, narrower banks, CPUs
 without those instructions) use faiss.
 
 Threads: faiss uses OpenMP; searches run with as many threads as torch uses

@@ -12,6 +12,7 @@ import torch
 
 from fedpatch import native_screen
 from fedpatch.screened_search import ScreenedSearch, int8_product_exact
+from test_screened_search import float64_nearest, relu_like
 
 VNNI = all(torch.cpu.get_capabilities().get(name, False) for name in ("avx512_f", "avx512_bw", "avx512_vnni"))  # type: ignore[attr-defined]
 needs_native = pytest.mark.skipif(not VNNI, reason="no AVX512-VNNI on this CPU: the native screen cannot run")
@@ -29,7 +30,7 @@ def test_the_kernel_is_built_and_runs_where_the_cpu_has_avx512_vnni() -> None:
 
 def near_queries(rows: int, dim: int, queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    bank = (np.maximum(rng.normal(size=(rows, dim)), 0) + 0.5).astype(np.float32)
+    bank = relu_like(rng, rows, dim)
     near = bank[rng.integers(rows, size=queries)] + 0.3 * rng.normal(size=(queries, dim))
     return bank, near.astype(np.float32)
 
@@ -110,8 +111,7 @@ def test_every_pair_a_candidate_and_ties_to_the_lowest_row() -> None:
     search = ScreenedSearch(bank, native=True)
     distances, indices = search.nearest(query)
     assert search.candidates == 50 * 128 and np.all(indices == 0)
-    expected = np.linalg.norm(query.astype(np.float64) - bank[0], axis=1)
-    np.testing.assert_allclose(distances, expected, rtol=2e-6)
+    np.testing.assert_allclose(distances, float64_nearest(bank, query)[0], rtol=2e-6)
 
 
 @needs_native
