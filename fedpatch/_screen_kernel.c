@@ -9,10 +9,13 @@
  * one), the candidates' float32 distances and the pick follow while the query's numbers are
  * in cache.
  *
- * The arithmetic is that of screened_search.py, operation for operation in float32 (built
+ * The block bound is that of screened_search.py, operation for operation in float32 (built
  * with -ffp-contract=off, so no multiply-add is fused where torch rounds twice); see that
- * module's docstring for the bound. The product is exact: the bank's codes are stored
- * unsigned (code + 128) for vpdpbusd, and 128 times the query's code sum is subtracted.
+ * module's docstring for the bound. Each query then tightens it with the float32 distance of
+ * its most promising row and tests each row of a passing block on the row's own numbers
+ * (finish_query), so fewer candidates' distances are computed for the same pick. The product
+ * is exact: the bank's codes are stored unsigned (code + 128) for vpdpbusd, and 128 times the
+ * query's code sum is subtracted.
  *
  * Only plain C types cross the boundary (no Python objects): fedpatch/native_screen.py loads
  * this library with ctypes, which releases the GIL, and splits the rows over torch's OpenMP
@@ -44,6 +47,7 @@ typedef struct {
     float margin;           /* units of P the thresholds are lowered by */
     const float *vectors;   /* [rows][dim] the float32 bank, unsorted */
     const int64_t *order;   /* sorted row -> bank row */
+    const float *row_sq, *row_norm_term, *row_low_term; /* [blocks * BLOCK] the per-block numbers of each row */
 } fp_bank;
 
 /* Four int8 codes as one int32, the operand vpdpbusd broadcasts (memcpy: no aliasing or
@@ -62,6 +66,7 @@ static inline __mmask16 lanes(int64_t remaining) {
 /* Per-query numbers of screened_search._quantise. */
 typedef struct {
     float scale, high_bound, low_bound, magnitude, slack;
+    float norm_low;         /* a lower bound of |c|^2 */
     int32_t code_sum;
     int finite;
 } fp_query;
@@ -90,10 +95,11 @@ static void quantise(const fp_bank *bank, const float *row, int8_t *codes, float
     const float scale = peak > 0.0f ? peak / CODE_MAX : 1.0f;
     const __m512 scale_v = _mm512_set1_ps(scale);
     __m512i sum_v = _mm512_setzero_si512();
-    __m512 high_v = _mm512_setzero_ps(), low_v = _mm512_setzero_ps();
+    __m512 high_v = _mm512_setzero_ps(), low_v = _mm512_setzero_ps(), norm_v = _mm512_setzero_ps();
     for (int64_t i = 0; i < dim; i += 16) {
         const __mmask16 m = lanes(dim - i);
         const __m512 c = _mm512_maskz_loadu_ps(m, work + i);
+        norm_v = _mm512_add_ps(norm_v, _mm512_mul_ps(c, c));
         /* half to even, as torch.round */
         const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(c, scale_v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         const __m512i code = _mm512_cvtps_epi32(rounded);
@@ -114,6 +120,9 @@ static void quantise(const fp_bank *bank, const float *row, int8_t *codes, float
     out->magnitude = bank->squares_max + error_max;
     out->slack = 8.0f * U_FP32 * (out->magnitude + 2.0f * high_bound * bank->reach);
     out->code_sum = _mm512_reduce_add_epi32(sum_v);
+    /* each c_i is rounded once (centring), then squared and summed: within (1 + u)^3 (1 + gamma)
+     * of |c|^2, and the product below rounds once more */
+    out->norm_low = _mm512_reduce_add_ps(norm_v) * (1.0f - bank->gamma - 6.0f * U_FP32);
 }
 
 /* Block maxima of TILE queries' products with blocks [first, last): out[q * stride + k]. */
@@ -186,77 +195,175 @@ static float squared_distance(const float *x, const float *y, int64_t n) {
     return _mm512_reduce_add_ps(acc);
 }
 
-/* Steps 3 and 4 for one query: its bounds from the block maxima (the float32 arithmetic of
- * ScreenedSearch._screen, 16 blocks at a time), then each passing block's rows against their
- * threshold, the candidates' float32 distances and the nearest (lowest bank row on ties).
- * Returns the number of candidates. */
+/* The bound on D - |c|^2 that a computed squared distance gives: a row whose float32 distance
+ * is at most `squared` has D <= squared / (1 - gamma) (the float32 sum's rounding), and
+ * |c|^2 >= norm_low. It is far tighter than the block bound, which carries the int8 error
+ * twice (once in the upper bound, once in each row's lower bound); this one carries it once.
+ * The slacks are those of the block bound plus this function's own rounding. A query whose
+ * |c|^2 overflows float32 gets no such bound (infinity: the block bound stands). */
+static inline float distance_upper(const fp_bank *bank, const fp_query *q, float squared) {
+    if (!(q->norm_low < INFINITY)) return INFINITY;
+    const float reach = squared * (1.0f + 2.0f * bank->gamma + 8.0f * U_FP32);
+    float upper = reach - q->norm_low;
+    upper += q->slack;
+    upper += 5.0f * U_FP32 * (q->magnitude + fabsf(upper) + reach + q->norm_low);
+    return upper;
+}
+
+/* The smallest product a row with these numbers needs to be a candidate under `upper`: the
+ * float32 operations of the block thresholds (ScreenedSearch._screen), 16 rows or blocks at a
+ * time. */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static inline __m512i thresholds(const fp_query *q, __m512 lo, __m512 norm_term, __m512 low_term, __m512 unit_part, float upper,
+                                 float margin) {
+    const __m512 error = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(q->low_bound), norm_term),
+                                       _mm512_mul_ps(_mm512_set1_ps(q->high_bound), low_term));
+    const __m512 unit = _mm512_mul_ps(_mm512_set1_ps(q->scale), unit_part);
+    const __m512 gap = _mm512_sub_ps(_mm512_sub_ps(lo, error), _mm512_set1_ps(upper));
+    __m512 limit = _mm512_sub_ps(_mm512_roundscale_ps(_mm512_div_ps(gap, unit), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                                 _mm512_set1_ps(margin));
+    limit = _mm512_min_ps(_mm512_max_ps(limit, _mm512_set1_ps(-2147483648.0f)), _mm512_set1_ps(INT32_BELOW));
+    return _mm512_cvttps_epi32(limit);
+}
+
+/* Block k's 32 products (corrected for the unsigned codes): kept, or recomputed. */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static inline void block_of(const fp_bank *bank, const int8_t *codes, const int32_t *products, int64_t k, __m512i correction,
+                            __m512i *p0, __m512i *p1) {
+    if (products) {
+        *p0 = _mm512_load_si512(products + k * BLOCK);
+        *p1 = _mm512_load_si512(products + k * BLOCK + 16);
+    } else {
+        block_products(bank, codes, k, p0, p1);
+    }
+    *p0 = _mm512_sub_epi32(*p0, correction);
+    *p1 = _mm512_sub_epi32(*p1, correction);
+}
+
+/* The rows of block k (products p0, p1) that can still be the nearest under `upper`, one bit
+ * each: the block threshold with each row's own numbers in place of the block's extremes. */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static inline uint32_t passing_rows(const fp_bank *bank, const fp_query *q, int64_t k, float upper, __m512i p0, __m512i p1) {
+    const __m512 unit_part = _mm512_set1_ps(bank->unit[k]);
+    const int64_t r = k * BLOCK;
+    const __m512i t0 = thresholds(q, _mm512_loadu_ps(bank->row_sq + r), _mm512_loadu_ps(bank->row_norm_term + r),
+                                  _mm512_loadu_ps(bank->row_low_term + r), unit_part, upper, bank->margin);
+    const __m512i t1 = thresholds(q, _mm512_loadu_ps(bank->row_sq + r + 16), _mm512_loadu_ps(bank->row_norm_term + r + 16),
+                                  _mm512_loadu_ps(bank->row_low_term + r + 16), unit_part, upper, bank->margin);
+    return (uint32_t)_mm512_cmpge_epi32_mask(p0, t0) | (uint32_t)_mm512_cmpge_epi32_mask(p1, t1) << 16;
+}
+
+/* One candidate's float32 squared distance as a key that orders like (distance, bank row). */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static inline uint64_t candidate_key(const fp_bank *bank, const float *row, int64_t sorted_row, float *squared) {
+    const int64_t bank_row = bank->order[sorted_row];
+    *squared = squared_distance(row, bank->vectors + bank_row * bank->dim, bank->dim);
+    uint32_t bits;
+    memcpy(&bits, squared, sizeof bits);
+    return (uint64_t)bits << 32 | (uint64_t)bank_row;
+}
+
+/* Steps 3 and 4 for one query:
+ * - the block bound from the block maxima (the float32 arithmetic of ScreenedSearch._screen,
+ *   16 blocks at a time), and the block that gives it;
+ * - that block's most promising row, whose float32 distance gives a much tighter bound
+ *   (distance_upper);
+ * - the blocks whose largest product reaches their threshold under it, and in each the rows
+ *   whose own threshold is reached: the candidates, whose float32 distances are computed (the
+ *   bound tightening whenever a closer row turns up), and the nearest (lowest bank row on ties).
+ * Every row that can be the nearest by float32 distance stays a candidate, so the pick is the
+ * torch screen's, from fewer candidates. Returns the number of candidates. */
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 static int64_t finish_query(const fp_bank *bank, const fp_query *q, const int8_t *codes, const int32_t *products,
-                            int32_t *maxima, int32_t *limits, int32_t *passing, const float *row, float *distance,
-                            int64_t *index) {
+                            int32_t *maxima, int32_t *passing, const float *row, float *distance, int64_t *index) {
     const int64_t blocks = bank->blocks;
     const __m512i correction = _mm512_set1_epi32(128 * q->code_sum);
-    const __m512 low_bound = _mm512_set1_ps(q->low_bound), high_bound = _mm512_set1_ps(q->high_bound);
-    const __m512 scale = _mm512_set1_ps(q->scale);
-    __m512 upper_v = _mm512_set1_ps(INFINITY);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 upper_v = _mm512_set1_ps(INFINITY), least_v = _mm512_set1_ps(INFINITY);
+    __m512i least_block = _mm512_setzero_si512();
     for (int64_t k = 0; k < blocks; k += 16) {
         const __mmask16 m = lanes(blocks - k);
         const __m512i bmax = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, maxima + k), correction);
         _mm512_mask_storeu_epi32(maxima + k, m, bmax);
-        const __m512 error = _mm512_add_ps(_mm512_mul_ps(low_bound, _mm512_maskz_loadu_ps(m, bank->norm_term + k)),
-                                           _mm512_mul_ps(high_bound, _mm512_maskz_loadu_ps(m, bank->low_term + k)));
-        const __m512 unit = _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(m, bank->unit + k));
+        const __m512 error = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(q->low_bound), _mm512_maskz_loadu_ps(m, bank->norm_term + k)),
+                                           _mm512_mul_ps(_mm512_set1_ps(q->high_bound), _mm512_maskz_loadu_ps(m, bank->low_term + k)));
+        const __m512 unit = _mm512_mul_ps(_mm512_set1_ps(q->scale), _mm512_maskz_loadu_ps(m, bank->unit + k));
         const __m512 value = _mm512_sub_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, bank->hi + k), error),
                                            _mm512_mul_ps(unit, _mm512_cvtepi32_ps(bmax)));
         upper_v = _mm512_mask_min_ps(upper_v, m, upper_v, value);
+        const __mmask16 lower = _mm512_mask_cmp_ps_mask(m, value, least_v, _CMP_LT_OQ);
+        least_v = _mm512_mask_mov_ps(least_v, lower, value);
+        least_block = _mm512_mask_mov_epi32(least_block, lower, _mm512_add_epi32(_mm512_set1_epi32((int32_t)k), lane));
     }
     float upper = _mm512_reduce_min_ps(upper_v);
     upper += q->slack;
     upper += 5.0f * U_FP32 * (q->magnitude + fabsf(upper));
-    const __m512 upper_b = _mm512_set1_ps(upper), margin = _mm512_set1_ps(bank->margin);
-    const __m512 floor_min = _mm512_set1_ps(-2147483648.0f), ceiling = _mm512_set1_ps(INT32_BELOW);
+    int64_t candidates = 0;
+    uint64_t best = UINT64_MAX;
+    int64_t first_row = -1; /* sorted row whose distance is already known */
+    const float least = _mm512_reduce_min_ps(least_v);
+    const __mmask16 at = _mm512_cmp_ps_mask(least_v, _mm512_set1_ps(least), _CMP_EQ_OQ);
+    if (at) {
+        /* its row with the smallest estimate |b|^2 - 2 s_q s_k P */
+        int32_t ids[16];
+        _mm512_storeu_si512(ids, least_block);
+        const int64_t k = ids[__builtin_ctz(at)];
+        __m512i p0, p1;
+        block_of(bank, codes, products, k, correction, &p0, &p1);
+        const __m512 unit = _mm512_set1_ps(q->scale * bank->unit[k]);
+        const __m512 e0 = _mm512_sub_ps(_mm512_loadu_ps(bank->row_sq + k * BLOCK), _mm512_mul_ps(unit, _mm512_cvtepi32_ps(p0)));
+        const __m512 e1 = _mm512_sub_ps(_mm512_loadu_ps(bank->row_sq + k * BLOCK + 16), _mm512_mul_ps(unit, _mm512_cvtepi32_ps(p1)));
+        const __m512 e = _mm512_min_ps(e0, e1);
+        const float smallest = _mm512_reduce_min_ps(e);
+        const uint32_t hits = (uint32_t)_mm512_cmp_ps_mask(e0, _mm512_set1_ps(smallest), _CMP_EQ_OQ)
+                            | (uint32_t)_mm512_cmp_ps_mask(e1, _mm512_set1_ps(smallest), _CMP_EQ_OQ) << 16;
+        if (hits) {
+            first_row = k * BLOCK + __builtin_ctz(hits);
+            float squared;
+            best = candidate_key(bank, row, first_row, &squared);
+            candidates++;
+            const float tighter = distance_upper(bank, q, squared);
+            upper = tighter < upper ? tighter : upper;
+        }
+    }
+    /* the blocks whose largest product reaches their threshold (compressed in a register: a
+     * compressing store is microcoded on Zen 4) */
     int64_t count = 0;
     for (int64_t k = 0; k < blocks; k += 16) {
         const __mmask16 m = lanes(blocks - k);
-        const __m512 error = _mm512_add_ps(_mm512_mul_ps(low_bound, _mm512_maskz_loadu_ps(m, bank->norm_term + k)),
-                                           _mm512_mul_ps(high_bound, _mm512_maskz_loadu_ps(m, bank->low_term + k)));
-        const __m512 unit = _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(m, bank->unit + k));
-        const __m512 gap = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, bank->lo + k), error), upper_b);
-        __m512 limit = _mm512_sub_ps(_mm512_roundscale_ps(_mm512_div_ps(gap, unit), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), margin);
-        limit = _mm512_min_ps(_mm512_max_ps(limit, floor_min), ceiling);
-        const __m512i threshold = _mm512_cvttps_epi32(limit);
-        _mm512_mask_storeu_epi32(limits + k, m, threshold);
-        /* blocks whose largest product reaches their threshold; the others are skipped whole
-         * (compressed in a register: a compressing store is microcoded on Zen 4) */
+        const __m512i threshold = thresholds(q, _mm512_maskz_loadu_ps(m, bank->lo + k), _mm512_maskz_loadu_ps(m, bank->norm_term + k),
+                                             _mm512_maskz_loadu_ps(m, bank->low_term + k), _mm512_maskz_loadu_ps(m, bank->unit + k),
+                                             upper, bank->margin);
         const __mmask16 pass = _mm512_mask_cmpge_epi32_mask(m, _mm512_maskz_loadu_epi32(m, maxima + k), threshold);
-        const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32((int32_t)k), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-        _mm512_storeu_si512(passing + count, _mm512_maskz_compress_epi32(pass, ids));
+        _mm512_storeu_si512(passing + count, _mm512_maskz_compress_epi32(pass, _mm512_add_epi32(_mm512_set1_epi32((int32_t)k), lane)));
         count += __builtin_popcount(pass);
     }
-    uint64_t best = UINT64_MAX;
-    int64_t candidates = 0;
+    const float listed = upper; /* the bound the list was made under; a tighter one skips more */
     for (int64_t j = 0; j < count; j++) {
         const int64_t k = passing[j];
-        __m512i p0, p1;
-        if (products) {
-            p0 = _mm512_load_si512(products + k * BLOCK);
-            p1 = _mm512_load_si512(products + k * BLOCK + 16);
-        } else {
-            block_products(bank, codes, k, &p0, &p1);
+        if (upper < listed) {
+            const __m512i t = thresholds(q, _mm512_set1_ps(bank->lo[k]), _mm512_set1_ps(bank->norm_term[k]),
+                                         _mm512_set1_ps(bank->low_term[k]), _mm512_set1_ps(bank->unit[k]), upper, bank->margin);
+            if (maxima[k] < _mm_cvtsi128_si32(_mm512_castsi512_si128(t))) continue;
         }
-        const __m512i limit = _mm512_set1_epi32(limits[k]);
-        uint32_t pass = (uint32_t)_mm512_cmpge_epi32_mask(_mm512_sub_epi32(p0, correction), limit)
-                      | (uint32_t)_mm512_cmpge_epi32_mask(_mm512_sub_epi32(p1, correction), limit) << 16;
+        __m512i p0, p1;
+        block_of(bank, codes, products, k, correction, &p0, &p1);
+        uint32_t pass = passing_rows(bank, q, k, upper, p0, p1);
         while (pass) {
-            const int r = __builtin_ctz(pass);
+            const int64_t sorted_row = k * BLOCK + __builtin_ctz(pass);
             pass &= pass - 1;
-            const int64_t bank_row = bank->order[k * BLOCK + r];
-            const float squared = squared_distance(row, bank->vectors + bank_row * bank->dim, bank->dim);
-            uint32_t bits;
-            memcpy(&bits, &squared, sizeof bits);
-            const uint64_t key = (uint64_t)bits << 32 | (uint64_t)bank_row;
-            best = key < best ? key : best;
+            if (sorted_row == first_row) continue;
+            float squared;
+            const uint64_t key = candidate_key(bank, row, sorted_row, &squared);
             candidates++;
+            if (key < best) {
+                best = key;
+                const float tighter = distance_upper(bank, q, squared);
+                if (tighter < upper) {
+                    upper = tighter;
+                    pass &= passing_rows(bank, q, k, upper, p0, p1);
+                }
+            }
         }
     }
     if (best == UINT64_MAX) return candidates; /* left unmatched by the caller's defaults */
@@ -287,12 +394,11 @@ int64_t fp_nearest(const fp_bank *bank, const float *query, int64_t n, float *di
     int8_t *codes = aligned_alloc(64, (size_t)(PANEL * pd + 63) / 64 * 64);
     float *work = aligned_alloc(64, sizeof(float) * (size_t)((bank->dim + 15) / 16 * 16));
     int32_t *maxima = aligned_alloc(64, sizeof(int32_t) * (size_t)(PANEL * stride));
-    int32_t *limits = aligned_alloc(64, sizeof(int32_t) * (size_t)stride);
     int32_t *passing = aligned_alloc(64, sizeof(int32_t) * (size_t)(stride + 16));
     int32_t *products = bank->keep_products ? aligned_alloc(64, sizeof(int32_t) * (size_t)(TILE * blocks * BLOCK)) : NULL;
     fp_query numbers[PANEL];
     int64_t candidates = 0;
-    if (!codes || !work || !maxima || !limits || !passing || (bank->keep_products && !products)) {
+    if (!codes || !work || !maxima || !passing || (bank->keep_products && !products)) {
         candidates = -1;
         goto done;
     }
@@ -310,7 +416,7 @@ int64_t fp_nearest(const fp_bank *bank, const float *query, int64_t n, float *di
         for (int64_t i = 0; i < rows; i++) {
             if (!numbers[i].finite) continue;
             candidates += finish_query(bank, &numbers[i], codes + i * pd, products ? products + i * blocks * BLOCK : NULL,
-                                       maxima + i * stride, limits, passing, query + (start + i) * bank->dim, distances + start + i,
+                                       maxima + i * stride, passing, query + (start + i) * bank->dim, distances + start + i,
                                        indices + start + i);
         }
     }
@@ -318,7 +424,6 @@ done:
     free(codes);
     free(work);
     free(maxima);
-    free(limits);
     free(passing);
     free(products);
     return candidates;

@@ -4,7 +4,10 @@
 then passes over them with torch and numpy; on efficientnet_lite0 features those passes cost
 more than the product itself. The C kernel takes each block's maximum while the products are
 in registers (AVX512-VNNI) and finishes a query (bounds, candidates, float32 distances, pick)
-while its numbers are in cache, with the same arithmetic, so it returns the same neighbours.
+while its numbers are in cache, with the same block bound, so it returns the same neighbours.
+Before computing candidate distances it tightens that bound with the float32 distance of the
+most promising row and tests rows on their own numbers (``ROW_NUMBERS``), which leaves far
+fewer candidates where the int8 error is large (``fedpatch.screened_search``).
 
 The library is built by ``pip install`` as an optional extension (``pyproject.toml``): where
 no C compiler was found, or the CPU lacks AVX512-VNNI, ``available()`` is False and the search
@@ -40,6 +43,9 @@ MAX_DIM = (2**31 - 1) // (255 * 127)
 """Widest bank the kernel takes (66,311 dims): its sums of unsigned bank codes (up to 255)
 times signed query codes (up to 127 in size) must fit int32 before the correction, or the
 block maxima would be taken of wrapped values."""
+ROW_NUMBERS = ("row_sq", "row_norm_term", "row_low_term")
+"""Per sorted bank row, float32: the squared norm and the two terms of the error bound that the
+blocks take the extremes of (``lo`` / ``hi``, ``norm_term``, ``low_term``)."""
 ROWS_PER_THREAD = 512
 """Fewest query rows worth a thread of their own (a thread's start costs tens of µs)."""
 
@@ -69,6 +75,9 @@ class _Bank(ctypes.Structure):
         ("margin", ctypes.c_float),
         ("vectors", ctypes.c_void_p),
         ("order", ctypes.c_void_p),
+        ("row_sq", ctypes.c_void_p),
+        ("row_norm_term", ctypes.c_void_p),
+        ("row_low_term", ctypes.c_void_p),
     ]
 
 
@@ -132,7 +141,8 @@ class NativeScreen:
     def __init__(self, codes: np.ndarray, numbers: dict[str, np.ndarray | float], vectors: np.ndarray, order: np.ndarray) -> None:
         """``codes``: the sorted bank's int8 codes ``[M, D]`` (M a multiple of 32); ``numbers``:
         the per-block arrays (``lo``, ``hi``, ``unit``, ``norm_term``, ``low_term``, float32
-        ``[M / 32]``) and scalars (``mean`` too, float32 ``[D]``) of the bound."""
+        ``[M / 32]``), the per-row ones (``ROW_NUMBERS``, ``[M]``) and scalars (``mean`` too,
+        float32 ``[D]``) of the bound."""
         library = _library()
         if library is None:
             raise RuntimeError("the native screen is not available on this machine")
@@ -147,7 +157,8 @@ class NativeScreen:
         # [blocks][padded / 4][32][4], unsigned: what one vpdpbusd step reads for a block
         self.packed = np.ascontiguousarray((wide + 128).astype(np.uint8).reshape(blocks, 32, padded // 4, 4).transpose(0, 2, 1, 3))
         self.vectors, self.order = vectors, np.ascontiguousarray(order, dtype=np.int64)
-        self.arrays = {name: np.ascontiguousarray(numbers[name], dtype=np.float32) for name in ("mean", "lo", "hi", "unit", "norm_term", "low_term")}
+        names = ("mean", "lo", "hi", "unit", "norm_term", "low_term", *ROW_NUMBERS)
+        self.arrays = {name: np.ascontiguousarray(numbers[name], dtype=np.float32) for name in names}
         self.bank = _Bank(
             dim=dim, padded_dim=padded, blocks=blocks, keep_products=int(self.packed.nbytes <= KEEP_CODES),
             panel_blocks=blocks if self.packed.nbytes <= KEEP_CODES else max(1, L2_CODES // (32 * padded)),
