@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from pathlib import Path
@@ -28,6 +29,12 @@ def test_tiny_suite_writes_tables(tmp_path: Path) -> None:
     assert approx["impl"] == "fedpatch index=hnsw" and float(approx["recall_at_1"]) == 1.0  # a 20-vector bank
     assert approx["image_auroc"] == ours["image_auroc"] and float(approx["backbone_ips"]) > 0
     assert theirs["impl"] == "anomalib" and theirs["status"].startswith("anomalib not importable")
+    assert ours["predict_passes"] == approx["predict_passes"] == "2"  # the tiny suite's timed passes
+    result = json.loads((tmp_path / "tiny.json").read_text())[0][0]
+    ratios = result["predict_vs_backbone_passes"]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)
+    # the throughputs are over both passes: their ratio is a weighted mean of the passes' ratios
+    assert result["predict_passes"] == 2 and min(ratios) - 1e-9 <= result["predict_ips"] / result["backbone_ips"] <= max(ratios) + 1e-9
     text = (tmp_path / "tiny.md").read_text()
     assert "| efficientnet_lite0 | magnetic | 64x64 | 3 | fedpatch |" in text
 
