@@ -212,12 +212,13 @@ def _predict_fedpatch(model: Any, bench: bench_data.BenchData, images: list[torc
     mon.phase("predict")
     acc, scores = PixelAccumulator(), []
     starts = list(enumerate(range(0, len(images), group)))
+    passes, before = max(1, passes), dict(seconds)
     pass_ratios: list[float] = []
     shown, model.progress = model.progress, False  # one bar for all passes instead of one per group
     try:
         for done, (number, first) in enumerate(tqdm(starts * passes, desc=f"predict + backbone alone, {passes} passes", unit="group")):
             if done % len(starts) == 0:
-                before = dict(seconds)
+                before = dict(seconds)  # the pass's own times: the differences at its end
             chunk = images[first : first + group]
             if number % 2 == 0:
                 add_time("backbone", lambda: backbone_alone(chunk))
