@@ -210,14 +210,19 @@ static inline float distance_upper(const fp_bank *bank, const fp_query *q, float
     return upper;
 }
 
+/* E_qk of 16 blocks or rows: the int8 error bound from their norm and residue terms. */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static inline __m512 error_bound(const fp_query *q, __m512 norm_term, __m512 low_term) {
+    return _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(q->low_bound), norm_term), _mm512_mul_ps(_mm512_set1_ps(q->high_bound), low_term));
+}
+
 /* The smallest product a row with these numbers needs to be a candidate under `upper`: the
  * float32 operations of the block thresholds (ScreenedSearch._screen), 16 rows or blocks at a
  * time. */
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 static inline __m512i thresholds(const fp_query *q, __m512 lo, __m512 norm_term, __m512 low_term, __m512 unit_part, float upper,
                                  float margin) {
-    const __m512 error = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(q->low_bound), norm_term),
-                                       _mm512_mul_ps(_mm512_set1_ps(q->high_bound), low_term));
+    const __m512 error = error_bound(q, norm_term, low_term);
     const __m512 unit = _mm512_mul_ps(_mm512_set1_ps(q->scale), unit_part);
     const __m512 gap = _mm512_sub_ps(_mm512_sub_ps(lo, error), _mm512_set1_ps(upper));
     __m512 limit = _mm512_sub_ps(_mm512_roundscale_ps(_mm512_div_ps(gap, unit), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
@@ -285,8 +290,7 @@ static int64_t finish_query(const fp_bank *bank, const fp_query *q, const int8_t
         const __mmask16 m = lanes(blocks - k);
         const __m512i bmax = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, maxima + k), correction);
         _mm512_mask_storeu_epi32(maxima + k, m, bmax);
-        const __m512 error = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(q->low_bound), _mm512_maskz_loadu_ps(m, bank->norm_term + k)),
-                                           _mm512_mul_ps(_mm512_set1_ps(q->high_bound), _mm512_maskz_loadu_ps(m, bank->low_term + k)));
+        const __m512 error = error_bound(q, _mm512_maskz_loadu_ps(m, bank->norm_term + k), _mm512_maskz_loadu_ps(m, bank->low_term + k));
         const __m512 unit = _mm512_mul_ps(_mm512_set1_ps(q->scale), _mm512_maskz_loadu_ps(m, bank->unit + k));
         const __m512 value = _mm512_sub_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, bank->hi + k), error),
                                            _mm512_mul_ps(unit, _mm512_cvtepi32_ps(bmax)));
@@ -300,7 +304,8 @@ static int64_t finish_query(const fp_bank *bank, const fp_query *q, const int8_t
     upper += 5.0f * U_FP32 * (q->magnitude + fabsf(upper));
     int64_t candidates = 0;
     uint64_t best = UINT64_MAX;
-    int64_t first_row = -1; /* sorted row whose distance is already known */
+    int64_t first_row = -1, first_block = -1; /* sorted row whose distance is already known, its block */
+    __m512i first_p0 = _mm512_setzero_si512(), first_p1 = _mm512_setzero_si512(); /* that block's products */
     const float least = _mm512_reduce_min_ps(least_v);
     const __mmask16 at = _mm512_cmp_ps_mask(least_v, _mm512_set1_ps(least), _CMP_EQ_OQ);
     if (at) {
@@ -310,6 +315,7 @@ static int64_t finish_query(const fp_bank *bank, const fp_query *q, const int8_t
         const int64_t k = ids[__builtin_ctz(at)];
         __m512i p0, p1;
         block_of(bank, codes, products, k, correction, &p0, &p1);
+        first_block = k, first_p0 = p0, first_p1 = p1; /* not recomputed when the block passes */
         const __m512 unit = _mm512_set1_ps(q->scale * bank->unit[k]);
         const __m512 e0 = _mm512_sub_ps(_mm512_loadu_ps(bank->row_sq + k * BLOCK), _mm512_mul_ps(unit, _mm512_cvtepi32_ps(p0)));
         const __m512 e1 = _mm512_sub_ps(_mm512_loadu_ps(bank->row_sq + k * BLOCK + 16), _mm512_mul_ps(unit, _mm512_cvtepi32_ps(p1)));
@@ -346,8 +352,8 @@ static int64_t finish_query(const fp_bank *bank, const fp_query *q, const int8_t
                                          _mm512_set1_ps(bank->low_term[k]), _mm512_set1_ps(bank->unit[k]), upper, bank->margin);
             if (maxima[k] < _mm_cvtsi128_si32(_mm512_castsi512_si128(t))) continue;
         }
-        __m512i p0, p1;
-        block_of(bank, codes, products, k, correction, &p0, &p1);
+        __m512i p0 = first_p0, p1 = first_p1;
+        if (k != first_block) block_of(bank, codes, products, k, correction, &p0, &p1);
         uint32_t pass = passing_rows(bank, q, k, upper, p0, p1);
         while (pass) {
             const int64_t sorted_row = k * BLOCK + __builtin_ctz(pass);

@@ -179,7 +179,7 @@ class ScreenedSearch:
         if native:
             numbers = {name: getattr(self, name).numpy()[0] for name in ("lo", "hi", "unit", "norm_term", "low_term")}
             # each row's own numbers, for the native screen's row thresholds
-            rows_sorted = squares[self.order]
+            rows_sorted = sorted_squares.ravel()
             numbers.update(row_sq=rows_sorted, row_norm_term=2 * SAFETY * np.sqrt(rows_sorted), row_low_term=2 * SAFETY * low)
             scalars = ("squares_max", "norm_term_max", "low_term_max", "reach", "gamma", "margin")
             self.native = native_screen.NativeScreen(codes, {"mean": self.mean, **numbers, **{name: getattr(self, name) for name in scalars}}, self.vectors, self.order)
