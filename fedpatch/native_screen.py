@@ -7,7 +7,10 @@ in registers (AVX512-VNNI) and finishes a query (bounds, candidates, float32 dis
 while its numbers are in cache, with the same block bound, so it returns the same neighbours.
 Before computing candidate distances it tightens that bound with the float32 distance of the
 most promising row and tests rows on their own numbers (``ROW_NUMBERS``), which leaves far
-fewer candidates where the int8 error is large (``fedpatch.screened_search``).
+fewer candidates where the int8 error is large (``fedpatch.screened_search``). Banks of 128
+to 4,096 dims get a head test first (``fedpatch.screen_head``): a cheap int8 product on the
+bank's first 32 or 64 principal axes rules out most blocks before their full product is
+taken (``NativeScreen.share_taken``).
 
 The library is built by ``pip install`` as an optional extension (``pyproject.toml``): where
 no C compiler was found, or the CPU lacks AVX512-VNNI, ``available()`` is False and the search
@@ -31,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fedpatch.screen_head import HeadBank
 
 LIBRARY = "fedpatch._screen_kernel"
 L2_CODES = 256 * 1024
@@ -78,6 +83,25 @@ class _Bank(ctypes.Structure):
         ("row_sq", ctypes.c_void_p),
         ("row_norm_term", ctypes.c_void_p),
         ("row_low_term", ctypes.c_void_p),
+        ("head_dim", ctypes.c_int64),
+        ("rotation", ctypes.c_void_p),
+        ("head_packed", ctypes.c_void_p),
+        ("head_unit", ctypes.c_void_p),
+        ("head_norm", ctypes.c_void_p),
+        ("head_low", ctypes.c_void_p),
+        ("head_row", ctypes.c_void_p),
+        ("head_row_sq", ctypes.c_void_p),
+        ("kd_nodes", ctypes.c_int64),
+        ("kd_axis", ctypes.c_void_p),
+        ("kd_child", ctypes.c_void_p),
+        ("kd_value", ctypes.c_void_p),
+        ("head_sq_max", ctypes.c_float),
+        ("head_norm_max", ctypes.c_float),
+        ("head_low_max", ctypes.c_float),
+        ("head_sigma", ctypes.c_float),
+        ("head_query_error", ctypes.c_float),
+        ("head_bank_error", ctypes.c_float),
+        ("products_taken", ctypes.c_void_p),
     ]
 
 
@@ -135,14 +159,30 @@ def _threads() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="fedpatch-screen")
 
 
+def _head_fields(head: HeadBank) -> dict[str, int | float]:
+    """``fp_bank``'s head-pass fields: pointers into ``head``'s arrays (kept alive by the
+    ``NativeScreen`` that holds it) and its scalars."""
+    split = head.split
+    arrays = {"rotation": head.rotation, "head_packed": head.packed, "head_unit": head.unit, "head_norm": head.norm, "head_low": head.low,
+              "head_row": head.row, "head_row_sq": head.row_sq, "kd_axis": split.axis, "kd_child": split.child, "kd_value": split.value}  # fmt: skip
+    return {
+        "head_dim": head.dim, "kd_nodes": len(split.axis), **{name: array.ctypes.data for name, array in arrays.items()},
+        "head_sq_max": head.sq_max, "head_norm_max": float(head.norm.max()), "head_low_max": float(head.low.max()),
+        "head_sigma": head.sigma, "head_query_error": head.query_error, "head_bank_error": head.bank_error,
+    }  # fmt: skip
+
+
 class NativeScreen:
     """The bank side of the native screen, built from a ``ScreenedSearch``'s numbers."""
 
-    def __init__(self, codes: np.ndarray, numbers: dict[str, np.ndarray | float], vectors: np.ndarray, order: np.ndarray) -> None:
+    def __init__(
+        self, codes: np.ndarray, numbers: dict[str, np.ndarray | float], vectors: np.ndarray, order: np.ndarray, head: HeadBank | None = None
+    ) -> None:
         """``codes``: the sorted bank's int8 codes ``[M, D]`` (M a multiple of 32); ``numbers``:
         the per-block arrays (``lo``, ``hi``, ``unit``, ``norm_term``, ``low_term``, float32
         ``[M / 32]``), the per-row ones (``ROW_NUMBERS``, ``[M]``) and scalars (``mean`` too,
-        float32 ``[D]``) of the bound."""
+        float32 ``[D]``) of the bound; ``head``: the head pass's bank side
+        (``fedpatch.screen_head``), or None for none."""
         library = _library()
         if library is None:
             raise RuntimeError("the native screen is not available on this machine")
@@ -150,6 +190,8 @@ class NativeScreen:
         rows, dim = codes.shape
         if dim > MAX_DIM:
             raise ValueError(f"the native screen handles up to {MAX_DIM} dims, got {dim}")
+        if head is not None and (head.dim % 16 or not 16 <= head.dim <= 64 or head.packed.shape[0] != rows // 32):
+            raise ValueError(f"the head pass takes 16 to 64 axes (a multiple of 16) and every block, got {head.dim} axes")
         padded = -(-dim // 4) * 4
         blocks = rows // 32
         wide = np.zeros((rows, padded), dtype=np.int16)
@@ -157,6 +199,8 @@ class NativeScreen:
         # [blocks][padded / 4][32][4], unsigned: what one vpdpbusd step reads for a block
         self.packed = np.ascontiguousarray((wide + 128).astype(np.uint8).reshape(blocks, 32, padded // 4, 4).transpose(0, 2, 1, 3))
         self.vectors, self.order = vectors, np.ascontiguousarray(order, dtype=np.int64)
+        self.products_taken = np.zeros(2, dtype=np.int64)
+        """(query tile, block) products taken in full and seen, over every search so far."""
         names = ("mean", "lo", "hi", "unit", "norm_term", "low_term", *ROW_NUMBERS)
         self.arrays = {name: np.ascontiguousarray(numbers[name], dtype=np.float32) for name in names}
         self.bank = _Bank(
@@ -165,7 +209,16 @@ class NativeScreen:
             packed=self.packed.ctypes.data, vectors=vectors.ctypes.data, order=self.order.ctypes.data,
             **{name: array.ctypes.data for name, array in self.arrays.items()},
             **{name: float(numbers[name]) for name in ("squares_max", "norm_term_max", "low_term_max", "reach", "gamma", "margin")},
+            **({} if head is None else _head_fields(head)), products_taken=self.products_taken.ctypes.data,
         )  # fmt: skip
+        self.head = head
+
+    @property
+    def share_taken(self) -> float:
+        """The share of (query tile, block) products the searches so far took in full: the rest
+        the head test ruled out (1.0 without a head pass)."""
+        taken, seen = self.products_taken.tolist()
+        return taken / seen if seen else 1.0
 
     def nearest(self, query: np.ndarray, distances: np.ndarray, indices: np.ndarray) -> int:
         """Write each query row's nearest bank row into ``distances`` / ``indices`` (rows left

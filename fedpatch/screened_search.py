@@ -9,7 +9,8 @@ an int8 vector keeps about 7 bits per coordinate. So its distances only *screen*
 
 1. The bank and the queries are centred on the bank's mean (``m``, float32; distances do not
    change) and scaled to int8: each query row ``c`` by its own ``s_q = max|c_i| / 127``, the
-   bank by blocks of ``BLOCK`` rows, sorted by squared norm, each block ``k`` by one
+   bank by blocks of ``BLOCK`` rows, sorted by squared norm (the native screen's head test
+   orders them by a k-d split instead: ``fedpatch.screen_head``), each block ``k`` by one
    ``s_k``. ``c = s_q r_q + l_q`` and ``b = s_k r_b + l_b``, with ``r`` the int8 codes and
    ``l`` the rounding residues, whose norms are known.
 2. ``P = r_q . r_b`` is exact, and by Cauchy-Schwarz
@@ -76,7 +77,7 @@ import faiss
 import numpy as np
 import torch
 
-from fedpatch import native_screen
+from fedpatch import native_screen, screen_head
 from fedpatch.hardware import native_int8_cpu
 
 BLOCK = 32
@@ -131,8 +132,19 @@ class ScreenedSearch:
         squares = np.concatenate(
             [((self.vectors[start : start + BUILD_ROWS] - mean) ** 2).sum(axis=1) for start in range(0, rows, BUILD_ROWS)]
         )
-        order = np.argsort(squares, kind="stable")
-        # pad to whole blocks with copies of the widest row: real rows, so every bound holds
+        if native is None:
+            native = native_screen.available() and dim <= native_screen.MAX_DIM
+        # the native screen's head pass wants blocks that are compact cells on the bank's first
+        # principal axes (``fedpatch.screen_head``); otherwise blocks of similar norm
+        head = screen_head.head_dims(dim) if native else 0
+        rotation = screen_head.principal_axes(self.vectors, self.mean, head) if head else None
+        split = screen_head.kd_split(screen_head.project(self.vectors, self.mean, rotation)) if rotation is not None else None
+        if split is not None:
+            order = split.order
+        else:
+            order = np.argsort(squares, kind="stable")
+        # pad to whole blocks with copies of the last row (the widest one in norm order): real
+        # rows, so every bound holds
         self.order = np.concatenate([order, np.repeat(order[-1:], -rows % BLOCK)])
         blocks = len(self.order) // BLOCK
         codes = np.empty((len(self.order), dim), dtype=np.int8)  # sorted bank rows
@@ -174,15 +186,15 @@ class ScreenedSearch:
         self.codes: torch.Tensor | None = None
         """The torch screen's codes ``[D, M]`` (the right operand of ``torch._int_mm``); the
         native screen keeps its own layout instead, so only one copy is held."""
-        if native is None:
-            native = native_screen.available() and dim <= native_screen.MAX_DIM
         if native:
             numbers = {name: getattr(self, name).numpy()[0] for name in ("lo", "hi", "unit", "norm_term", "low_term")}
             # each row's own numbers, for the native screen's row thresholds
             rows_sorted = sorted_squares.ravel()
             numbers.update(row_sq=rows_sorted, row_norm_term=2 * SAFETY * np.sqrt(rows_sorted), row_low_term=2 * SAFETY * low)
             scalars = ("squares_max", "norm_term_max", "low_term_max", "reach", "gamma", "margin")
-            self.native = native_screen.NativeScreen(codes, {"mean": self.mean, **numbers, **{name: getattr(self, name) for name in scalars}}, self.vectors, self.order)
+            bound = {"mean": self.mean, **numbers, **{name: getattr(self, name) for name in scalars}}
+            head_bank = screen_head.build_head(self.vectors, self.mean, self.order, rotation, split) if rotation is not None and split is not None else None
+            self.native = native_screen.NativeScreen(codes, bound, self.vectors, self.order, head_bank)
         else:
             self.codes = torch.from_numpy(np.ascontiguousarray(codes.T))
 

@@ -102,14 +102,16 @@ def test_bank_is_sorted_by_norm_and_padded_with_real_rows(rng: np.random.Generat
 @pytest.mark.parametrize("native", KERNELS)
 @pytest.mark.parametrize("dim", [3, 40, 300])
 def test_zero_rows_and_zero_queries(rng: np.random.Generator, dim: int, native: bool) -> None:
-    """An all-zero block (scale 1) and queries at the bank's mean (scale 1, codes 0) still
-    find their exact neighbours."""
+    """Zero rows (in norm order an all-zero block, scale 1) and queries at the bank's mean
+    (scale 1, codes 0) still find their exact neighbours."""
     bank = np.zeros((70, dim), dtype=np.float32)
     bank[40:55] = relu_like(rng, 15, dim)
     bank[55:] = -bank[40:55]  # the mean is exactly 0: the 40 zero rows fill a block at the mean
     query = np.concatenate([np.zeros((3, dim)), bank[::7] + 1e-3, bank[1::9] * 0.5]).astype(np.float32)
     search = ScreenedSearch(bank, native=native)
-    assert not search.mean.any() and float(search.unit[0, 0]) == 2.0  # scale 1 for the zero block
+    assert not search.mean.any()
+    if search.native is None or search.native.head is None:  # norm order (the head test's k-d cells mix them)
+        assert float(search.unit[0, 0]) == 2.0  # the zero block first, scale 1
     distances, indices = search.nearest(query)
     ref_d, ref_i = float64_nearest(bank, query)
     assert np.array_equal(indices, ref_i)
