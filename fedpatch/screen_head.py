@@ -46,6 +46,10 @@ SAMPLE_ROWS = 4096
 """Most bank rows the principal axes are computed from (evenly spaced)."""
 AXIS_ITERATIONS = 8
 """Subspace iterations for the principal axes."""
+MIN_SHARE = 0.5
+"""Least share of the bank's variance on the head axes for a head test: PatchCore features
+measured 0.90 (efficientnet_lite0, 32 of 152 dims) and 0.997 (WRN-50-2 with random weights, 64
+of 1,536); ReLU-like random banks 0.12-0.29."""
 BUILD_ROWS = 4096
 """Rows projected at a time (a multiple of BLOCK), which bounds the float64 scratch."""
 
@@ -64,9 +68,21 @@ def head_dims(dim: int) -> int:
     return 32 if dim < 768 else 64
 
 
-def principal_axes(vectors: np.ndarray, mean: np.ndarray, head: int) -> np.ndarray:
+def head_axes(vectors: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    """The head test's axes for this bank (float32 ``[D, h]``), or None where it gets no head
+    test: outside ``head_dims``' widths, or where its first ``h`` axes carry less than
+    ``MIN_SHARE`` of its variance (there the test would rule out too little to pay for itself:
+    on ReLU-like random banks of 152-384 dims the search ran 1.2-1.4x slower with it)."""
+    head = head_dims(vectors.shape[1])
+    if not head:
+        return None
+    axes, share = principal_axes(vectors, mean, head)
+    return axes if share >= MIN_SHARE else None
+
+
+def principal_axes(vectors: np.ndarray, mean: np.ndarray, head: int) -> tuple[np.ndarray, float]:
     """The bank's first ``head`` principal axes (centred on ``mean``), as float32 ``[D, head]``
-    with columns by decreasing variance.
+    with columns by decreasing variance, and the share of the variance they carry.
 
     From up to ``SAMPLE_ROWS`` evenly spaced rows, by subspace iteration on their float32
     scatter matrix and a final Rayleigh-Ritz step: near enough (the test only needs axes that
@@ -82,7 +98,8 @@ def principal_axes(vectors: np.ndarray, mean: np.ndarray, head: int) -> np.ndarr
         basis = torch.linalg.qr(scatter @ basis).Q
     values, rotation = torch.linalg.eigh(basis.T @ scatter @ basis)
     axes = basis @ rotation[:, torch.argsort(values, descending=True)]
-    return np.ascontiguousarray(axes.numpy(), dtype=np.float32)
+    share = float(values.sum() / scatter.trace()) if float(scatter.trace()) > 0 else 1.0
+    return np.ascontiguousarray(axes.numpy(), dtype=np.float32), share
 
 
 def project(vectors: np.ndarray, mean: np.ndarray, rotation: np.ndarray) -> np.ndarray:

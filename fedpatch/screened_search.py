@@ -136,13 +136,9 @@ class ScreenedSearch:
             native = native_screen.available() and dim <= native_screen.MAX_DIM
         # the native screen's head pass wants blocks that are compact cells on the bank's first
         # principal axes (``fedpatch.screen_head``); otherwise blocks of similar norm
-        head = screen_head.head_dims(dim) if native else 0
-        rotation = screen_head.principal_axes(self.vectors, self.mean, head) if head else None
+        rotation = screen_head.head_axes(self.vectors, self.mean) if native else None
         split = screen_head.kd_split(screen_head.project(self.vectors, self.mean, rotation)) if rotation is not None else None
-        if split is not None:
-            order = split.order
-        else:
-            order = np.argsort(squares, kind="stable")
+        order = split.order if split is not None else np.argsort(squares, kind="stable")
         # pad to whole blocks with copies of the last row (the widest one in norm order): real
         # rows, so every bound holds
         self.order = np.concatenate([order, np.repeat(order[-1:], -rows % BLOCK)])

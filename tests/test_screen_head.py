@@ -10,7 +10,7 @@ import pytest
 
 from fedpatch import native_screen, screen_head
 from fedpatch.screened_search import ScreenedSearch, int8_product_exact
-from test_screened_search import float64_nearest
+from test_screened_search import float64_nearest, relu_like
 
 needs_native = pytest.mark.skipif(not native_screen.available(), reason="no AVX512-VNNI on this CPU: the native screen cannot run")
 
@@ -38,12 +38,23 @@ def test_head_dims_by_bank_width() -> None:
     assert {dim: screen_head.head_dims(dim) for dim in widths} == widths
 
 
+def test_only_banks_with_most_variance_on_the_head_axes_get_the_test(rng: np.random.Generator) -> None:
+    """Feature-like banks do (their 32 first axes carry > 90% of the variance); ReLU-like random
+    ones, whose first axes carry about a quarter, and narrow banks do not."""
+    for bank, expected in ((feature_like(rng, 600, 152), (152, 32)), (relu_like(rng, 600, 384), None), (feature_like(rng, 600, 100), None)):
+        mean = bank.mean(axis=0, dtype=np.float64).astype(np.float32)
+        axes = screen_head.head_axes(bank, mean)
+        assert (axes.shape if axes is not None else None) == expected
+    assert screen_head.principal_axes(relu_like(rng, 600, 384), np.full(384, 0.9, np.float32), 32)[1] < 0.3
+
+
 def test_the_head_banks_bounds_hold(rng: np.random.Generator) -> None:
     """Every number the kernel's head test trusts, checked against float64 on a bank far from
     zero (so the centring matters) with two rows of padding."""
     bank = feature_like(rng, 190, 152) + 50
     mean = bank.mean(axis=0, dtype=np.float64).astype(np.float32)
-    rotation = screen_head.principal_axes(bank, mean, 32)
+    rotation, share = screen_head.principal_axes(bank, mean, 32)
+    assert share > 0.9  # 12 strong directions under ReLU, little noise
     w = rotation.astype(np.float64)
     np.testing.assert_allclose(w.T @ w, np.eye(32), atol=1e-5)  # orthonormal up to float32 rounding
     split = screen_head.kd_split(screen_head.project(bank, mean, rotation))
