@@ -120,6 +120,8 @@ def _case(label: str, vectors: np.ndarray, queries: np.ndarray, repeats: int, sc
     if "screened" in searches and "native" in searches:
         row["native_vs_screened"] = row["screened_s"] / row["native_s"]  # type: ignore[operator]
         row["same_neighbours"] = int(np.array_equal(answers["screened"][1], answers["native"][1]))
+    if "native" in searches and searches["native"].native is not None:
+        row["native_products_taken"] = searches["native"].native.share_taken
     checks = {"faiss": _float64_check(vectors, queries, faiss_idx[:, 0], faiss_d)}
     for name, (distances, indices) in answers.items():
         checks[name] = _float64_check(vectors, queries, indices, distances)
@@ -162,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     caption = (f"Command: `python -m benchmarks.cpu_search_bench --name {args.name}` on {machine()}; every kernel timed on every "
                f"case (`screened`: the torch screen, `native`: the C kernel); `search_uses` is the kernel MemoryBank.search picks for "
                f"k = 1 (faiss below {SCREEN_MIN_DIM} dims or without int8 dot-product instructions); `native_vs_screened` is the "
-               f"torch screen's time over the native one's, `same_neighbours` whether they returned the same rows; seconds are medians of {args.repeats} interleaved repeats; `*_f64_nearest` is "
+               f"torch screen's time over the native one's, `same_neighbours` whether they returned the same rows, "
+               f"`native_products_taken` the share of (query tile, block) int8 products the native screen took in full (1 where "
+               f"the bank gets no head test: fedpatch.screen_head); seconds are medians of {args.repeats} interleaved repeats; `*_f64_nearest` is "
                f"the share of (up to {REFERENCE_QUERIES}) queries whose neighbour is a nearest one by float64 arithmetic, "
                f"errors are against float64 distances.")  # fmt: skip
     write_rows(args.out, args.name, "exact bank search on the CPU: faiss float32 vs the screened int8 search", caption, rows,

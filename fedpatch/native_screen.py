@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedpatch import screen_head
 from fedpatch.screen_head import HeadBank
 
 LIBRARY = "fedpatch._screen_kernel"
@@ -51,6 +52,9 @@ block maxima would be taken of wrapped values."""
 ROW_NUMBERS = ("row_sq", "row_norm_term", "row_low_term")
 """Per sorted bank row, float32: the squared norm and the two terms of the error bound that the
 blocks take the extremes of (``lo`` / ``hi``, ``norm_term``, ``low_term``)."""
+HEAD_JUDGED = 4096
+"""(query tile, block) products seen before the head test is judged (``head_pays``): 64 tiles
+of a 64-block bank."""
 ROWS_PER_THREAD = 512
 """Fewest query rows worth a thread of their own (a thread's start costs tens of µs)."""
 
@@ -212,6 +216,12 @@ class NativeScreen:
             **({} if head is None else _head_fields(head)), products_taken=self.products_taken.ctypes.data,
         )  # fmt: skip
         self.head = head
+
+    def head_pays(self) -> bool:
+        """Whether the head test rules out enough block products to pay for itself
+        (``screen_head.max_taken``); True until ``HEAD_JUDGED`` have been seen, and without one."""
+        taken, seen = self.products_taken.tolist()
+        return self.head is None or seen < HEAD_JUDGED or taken <= seen * screen_head.max_taken(self.head.dim, self.bank.dim)
 
     @property
     def share_taken(self) -> float:

@@ -52,8 +52,10 @@ nearest still passes, so the pick is the same, from far fewer candidates where `
 against the gaps between rows: 2.3-2.5 per query instead of 6.7-7.1 on efficientnet_lite0's
 1000x750 features and 7.8-13.1 instead of 40-53 on WRN-50-2's. On efficientnet_lite0
 features the native screen searched 3.6-3.8x as fast as the torch one, on WRN-50-2's
-1.0-1.4x before that tightening, which made it 1.33-1.42x faster again there
-(``benchmarks/results/cpu_search_zen4.md``). Banks wider than ``native_screen.MAX_DIM``
+1.0-1.4x before that tightening, which made it 1.33-1.42x faster again there. Its head test
+(``fedpatch.screen_head``: an int8 product on the bank's first principal axes, with a bound of
+its own, decides which blocks' full products to take at all) then made it 1.3x faster on
+lite0's 1000x750 features and 2.1-2.4x on WRN-50-2's (``benchmarks/results/cpu_search_zen4.md``). Banks wider than ``native_screen.MAX_DIM``
 (66,311 dims) stay on the torch screen.
 
 Codes stay within [-127, 127] (``|c_i| / s_q <= 127`` up to one rounding, which rounds to
@@ -129,14 +131,23 @@ class ScreenedSearch:
             total += self.vectors[start : start + BUILD_ROWS].sum(axis=0, dtype=np.float64)
         self.mean = (total / rows).astype(np.float32)
         mean = self.mean.astype(np.float64)
-        squares = np.concatenate(
+        self.squares = np.concatenate(
             [((self.vectors[start : start + BUILD_ROWS] - mean) ** 2).sum(axis=1) for start in range(0, rows, BUILD_ROWS)]
         )
+        """Each bank row's squared distance to the mean (float64)."""
         if native is None:
             native = native_screen.available() and dim <= native_screen.MAX_DIM
-        # the native screen's head pass wants blocks that are compact cells on the bank's first
+        self.candidates = 0
+        """Candidate pairs whose float32 distances were computed, over every search so far."""
+        self._layout(native, screen_head.head_axes(self.vectors, self.mean) if native else None)
+
+    def _layout(self, native: bool, rotation: np.ndarray | None) -> None:
+        """The bank's order, int8 codes and per-block numbers, and the native screen's bank side
+        if ``native``, with a head test on ``rotation``'s axes where given."""
+        rows, dim = self.vectors.shape
+        mean, squares = self.mean.astype(np.float64), self.squares
+        # the native screen's head test wants blocks that are compact cells on the bank's first
         # principal axes (``fedpatch.screen_head``); otherwise blocks of similar norm
-        rotation = screen_head.head_axes(self.vectors, self.mean) if native else None
         split = screen_head.kd_split(screen_head.project(self.vectors, self.mean, rotation)) if rotation is not None else None
         order = split.order if split is not None else np.argsort(squares, kind="stable")
         # pad to whole blocks with copies of the last row (the widest one in norm order): real
@@ -176,8 +187,6 @@ class ScreenedSearch:
         float32 division's relative error (<= 4 u32) over the products' range (127^2 D)."""
         self.torch_mean = torch.from_numpy(self.mean)
         self.gamma = (dim + 4) * U_FP32 / (1 - (dim + 4) * U_FP32)
-        self.candidates = 0
-        """Candidate pairs whose float32 distances were computed, over every search so far."""
         self.native: native_screen.NativeScreen | None = None
         self.codes: torch.Tensor | None = None
         """The torch screen's codes ``[D, M]`` (the right operand of ``torch._int_mm``); the
@@ -211,6 +220,8 @@ class ScreenedSearch:
         indices = np.full(count, -1, dtype=np.int64)
         if self.native is not None:
             self.candidates += self.native.nearest(query, distances, indices)
+            if self.native.head is not None and not self.native.head_pays():
+                self._layout(True, None)  # it left too much to the full product: norm order, no head test
             return distances, indices
         chunk = min(max(16, CELLS // len(self.order)), max(count, 1))
         group = chunk * max(1, GROUP_CELLS // (chunk * self.dim))

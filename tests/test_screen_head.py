@@ -133,3 +133,22 @@ def test_overflowing_and_non_finite_queries_with_the_head_test(rng: np.random.Ge
     assert indices[4] == 0 and distances[4] == np.inf  # every float32 distance overflows: the lowest row wins
     if int8_product_exact():
         assert ScreenedSearch(bank, native=False).nearest(query)[1][4] == 0
+
+
+@needs_native
+def test_a_head_test_that_does_not_pay_is_dropped_after_the_first_search(rng: np.random.Generator) -> None:
+    """Queries far from every bank row leave the head test nothing to rule out: once it has
+    seen enough block products (``HEAD_JUDGED``) taking more than ``max_taken`` of them, the
+    search drops it for norm-ordered blocks, with the same answers before and after."""
+    bank = feature_like(rng, 1200, 152)
+    query = (bank.mean(axis=0) + bank.std() * rng.normal(size=(1600, 152))).astype(np.float32)
+    search = ScreenedSearch(bank, native=True)
+    assert search.native is not None and search.native.head is not None
+    head_screen = search.native
+    first = search.nearest(query)
+    assert head_screen.share_taken > screen_head.max_taken(32, 152) and head_screen.products_taken[1] >= native_screen.HEAD_JUDGED
+    assert search.native is not head_screen and search.native.head is None  # norm order again
+    second = search.nearest(query)
+    assert np.array_equal(first[1], second[1]) and np.array_equal(first[0], second[0])
+    assert np.array_equal(first[1], float64_nearest(bank, query)[1])
+    assert np.all(np.diff(search.squares[search.order[:1200]]) >= 0)
