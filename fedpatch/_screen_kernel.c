@@ -25,7 +25,7 @@
  * the tile keeps is not multiplied in full (tile_block_max_kept). The bank's blocks are then
  * the k-d cells of that split rather than norm bands, so that a tile of neighbouring patches
  * keeps few of them: on efficientnet_lite0's 1000x750 features 24% of the tile x block
- * products are taken, on WRN-50-2's 13%.
+ * products are taken, on WRN-50-2's 12%.
  *
  * Only plain C types cross the boundary (no Python objects): fedpatch/native_screen.py loads
  * this library with ctypes, which releases the GIL, and splits the rows over torch's OpenMP

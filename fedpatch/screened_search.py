@@ -54,8 +54,8 @@ against the gaps between rows: 2.3-2.5 per query instead of 6.7-7.1 on efficient
 features the native screen searched 3.6-3.8x as fast as the torch one, on WRN-50-2's
 1.0-1.4x before that tightening, which made it 1.33-1.42x faster again there. Its head test
 (``fedpatch.screen_head``: an int8 product on the bank's first principal axes, with a bound of
-its own, decides which blocks' full products to take at all) then made it 1.3x faster on
-lite0's 1000x750 features and 2.1-2.4x on WRN-50-2's (``benchmarks/results/cpu_search_zen4.md``). Banks wider than ``native_screen.MAX_DIM``
+its own, decides which blocks' full products to take at all) then made it 1.2-1.3x faster on
+lite0's 1000x750 features and 1.9-2.4x on WRN-50-2's (``benchmarks/results/cpu_search_zen4.md``). Banks wider than ``native_screen.MAX_DIM``
 (66,311 dims) stay on the torch screen.
 
 Codes stay within [-127, 127] (``|c_i| / s_q <= 127`` up to one rounding, which rounds to

@@ -98,7 +98,7 @@ def test_the_head_test_rules_out_most_products_and_keeps_the_exact_nearest(
     """efficientnet_lite0's width (32 head axes) and WRN-50-2's (64): near queries in runs like
     neighbouring patches, far queries, bank members. The head test takes few of the (tile,
     block) products in full (measured 11-12% and 27-30% here over three seeds; on lite0's
-    1000x750 features 24%, on WRN-50-2's 13%), and the neighbours are those of the same kernel
+    1000x750 features 24%, on WRN-50-2's 12%), and the neighbours are those of the same kernel
     without it and the float64 nearest."""
     bank = feature_like(rng, rows, dim)
     # neighbouring patches look alike: runs of 8 queries (a kernel tile) near one bank row
