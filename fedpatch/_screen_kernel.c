@@ -175,7 +175,7 @@ static void quantise(const fp_bank *bank, const float *row, int8_t *codes, float
     out->norm_up = sqrtf(q.squares * (1.0f + 2.0f * bank->gamma + 8.0f * U_FP32)) * (1.0f + 4.0f * U_FP32);
 }
 
-/* The head pass's numbers for one query (fedpatch.native_screen's HEAD bound). */
+/* The head test's numbers for one query (fedpatch/screen_head.py). */
 enum { HEAD_SKIP = 0, HEAD_KEEP = 1, HEAD_CHECK = 2 };
 typedef struct {
     float scale2;           /* 2 s'_q */

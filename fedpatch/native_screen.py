@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from fedpatch import screen_head
-from fedpatch.screen_head import HeadBank
 
 LIBRARY = "fedpatch._screen_kernel"
 L2_CODES = 256 * 1024
@@ -163,7 +162,7 @@ def _threads() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="fedpatch-screen")
 
 
-def _head_fields(head: HeadBank) -> dict[str, int | float]:
+def _head_fields(head: screen_head.HeadBank) -> dict[str, int | float]:
     """``fp_bank``'s head-pass fields: pointers into ``head``'s arrays (kept alive by the
     ``NativeScreen`` that holds it) and its scalars."""
     split = head.split
@@ -180,7 +179,7 @@ class NativeScreen:
     """The bank side of the native screen, built from a ``ScreenedSearch``'s numbers."""
 
     def __init__(
-        self, codes: np.ndarray, numbers: dict[str, np.ndarray | float], vectors: np.ndarray, order: np.ndarray, head: HeadBank | None = None
+        self, codes: np.ndarray, numbers: dict[str, np.ndarray | float], vectors: np.ndarray, order: np.ndarray, head: screen_head.HeadBank | None = None
     ) -> None:
         """``codes``: the sorted bank's int8 codes ``[M, D]`` (M a multiple of 32); ``numbers``:
         the per-block arrays (``lo``, ``hi``, ``unit``, ``norm_term``, ``low_term``, float32
