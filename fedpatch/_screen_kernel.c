@@ -313,45 +313,12 @@ static void head_limits(const fp_bank *bank, const fp_head *h, int64_t first, in
     }
 }
 
-/* The most promising row for one query's head test: the block of the k-d split that holds c'
- * (a descent on the split values), and in it the row with the smallest head estimate
- * |b'|^2 - 2 s'_q s_k P. Any row would do (its float32 distance only sets the target); a
- * near one keeps the target tight. -1 if no estimate is finite. */
+/* The 32 products of one query's codes (`groups` groups of 4) with block k of `packed`
+ * ([blocks][groups][BLOCK][4]; before the code-sum correction), in four independent sums per
+ * half so that the additions' latency overlaps. */
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-static int64_t head_seed(const fp_bank *bank, const fp_head *h, const float *head, const int8_t *codes) {
-    int64_t k = 0;
-    for (int64_t node = 0; node < bank->kd_nodes;) {
-        const int32_t child = bank->kd_child[2 * node + (head[bank->kd_axis[node]] < bank->kd_value[node] ? 0 : 1)];
-        if (child < 0) {
-            k = -1 - (int64_t)child;
-            break;
-        }
-        node = child;
-    }
-    const int64_t groups = bank->head_dim / 4;
-    const uint8_t *b = bank->head_packed + k * groups * (4 * BLOCK);
-    __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();
-    for (int64_t g = 0; g < groups; g++) {
-        const __m512i a = _mm512_set1_epi32(four_codes(codes + g * 4));
-        p0 = _mm512_dpbusd_epi32(p0, _mm512_loadu_si512(b + g * (4 * BLOCK)), a);
-        p1 = _mm512_dpbusd_epi32(p1, _mm512_loadu_si512(b + g * (4 * BLOCK) + 64), a);
-    }
-    const __m512i correction = _mm512_set1_epi32(128 * h->code_sum);
-    const __m512 unit = _mm512_set1_ps(h->scale2 * bank->head_unit[k]);
-    const __m512 e0 = _mm512_fnmadd_ps(unit, _mm512_cvtepi32_ps(_mm512_sub_epi32(p0, correction)), _mm512_loadu_ps(bank->head_row_sq + k * BLOCK));
-    const __m512 e1 = _mm512_fnmadd_ps(unit, _mm512_cvtepi32_ps(_mm512_sub_epi32(p1, correction)), _mm512_loadu_ps(bank->head_row_sq + k * BLOCK + 16));
-    const float least = _mm512_reduce_min_ps(_mm512_min_ps(e0, e1));
-    const uint32_t at = (uint32_t)_mm512_cmp_ps_mask(e0, _mm512_set1_ps(least), _CMP_EQ_OQ)
-                      | (uint32_t)_mm512_cmp_ps_mask(e1, _mm512_set1_ps(least), _CMP_EQ_OQ) << 16;
-    return at ? k * BLOCK + __builtin_ctz(at) : -1;
-}
-
-/* The 32 products of one query with block k (before the code-sum correction), in four
- * independent sums per half so that the additions' latency overlaps. */
-__attribute__((target("avx512f,avx512bw,avx512vnni")))
-static void block_products(const fp_bank *bank, const int8_t *codes, int64_t k, __m512i *p0, __m512i *p1) {
-    const int64_t groups = bank->padded_dim / 4;
-    const uint8_t *b = bank->packed + k * groups * (4 * BLOCK);
+static void block_products(const uint8_t *packed, int64_t groups, const int8_t *codes, int64_t k, __m512i *p0, __m512i *p1) {
+    const uint8_t *b = packed + k * groups * (4 * BLOCK);
     __m512i acc[4][2];
     for (int j = 0; j < 4; j++) acc[j][0] = acc[j][1] = _mm512_setzero_si512();
     int64_t g = 0;
@@ -369,6 +336,41 @@ static void block_products(const fp_bank *bank, const int8_t *codes, int64_t k, 
     }
     *p0 = _mm512_add_epi32(_mm512_add_epi32(acc[0][0], acc[1][0]), _mm512_add_epi32(acc[2][0], acc[3][0]));
     *p1 = _mm512_add_epi32(_mm512_add_epi32(acc[0][1], acc[1][1]), _mm512_add_epi32(acc[2][1], acc[3][1]));
+}
+
+/* The row of a block with the smallest estimate |b|^2 - unit P (its 32 squared norms `squares`,
+ * corrected products p0, p1), lowest first on ties: 0-31, or -1 where none is a number. */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static inline int least_row(const float *squares, __m512 unit, __m512i p0, __m512i p1) {
+    const __m512 e0 = _mm512_sub_ps(_mm512_loadu_ps(squares), _mm512_mul_ps(unit, _mm512_cvtepi32_ps(p0)));
+    const __m512 e1 = _mm512_sub_ps(_mm512_loadu_ps(squares + 16), _mm512_mul_ps(unit, _mm512_cvtepi32_ps(p1)));
+    const float smallest = _mm512_reduce_min_ps(_mm512_min_ps(e0, e1));
+    const uint32_t hits = (uint32_t)_mm512_cmp_ps_mask(e0, _mm512_set1_ps(smallest), _CMP_EQ_OQ)
+                        | (uint32_t)_mm512_cmp_ps_mask(e1, _mm512_set1_ps(smallest), _CMP_EQ_OQ) << 16;
+    return hits ? __builtin_ctz(hits) : -1;
+}
+
+/* The most promising row for one query's head test: the block of the k-d split that holds c'
+ * (a descent on the split values), and in it the row with the smallest head estimate
+ * |b'|^2 - 2 s'_q s_k P. Any row would do (its float32 distance only sets the target); a
+ * near one keeps the target tight. -1 if no estimate is finite. */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static int64_t head_seed(const fp_bank *bank, const fp_head *h, const float *head, const int8_t *codes) {
+    int64_t k = 0;
+    for (int64_t node = 0; node < bank->kd_nodes;) {
+        const int32_t child = bank->kd_child[2 * node + (head[bank->kd_axis[node]] < bank->kd_value[node] ? 0 : 1)];
+        if (child < 0) {
+            k = -1 - (int64_t)child;
+            break;
+        }
+        node = child;
+    }
+    __m512i p0, p1;
+    block_products(bank->head_packed, bank->head_dim / 4, codes, k, &p0, &p1);
+    const __m512i correction = _mm512_set1_epi32(128 * h->code_sum);
+    const int at = least_row(bank->head_row_sq + k * BLOCK, _mm512_set1_ps(h->scale2 * bank->head_unit[k]),
+                             _mm512_sub_epi32(p0, correction), _mm512_sub_epi32(p1, correction));
+    return at < 0 ? -1 : k * BLOCK + at;
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
@@ -431,7 +433,7 @@ static inline void block_of(const fp_bank *bank, const int8_t *codes, const int3
         *p0 = _mm512_load_si512(products + k * BLOCK);
         *p1 = _mm512_load_si512(products + k * BLOCK + 16);
     } else {
-        block_products(bank, codes, k, p0, p1);
+        block_products(bank->packed, bank->padded_dim / 4, codes, k, p0, p1);
     }
     *p0 = _mm512_sub_epi32(*p0, correction);
     *p1 = _mm512_sub_epi32(*p1, correction);
@@ -521,15 +523,9 @@ static int64_t finish_query(const fp_bank *bank, const fp_query *q, const int8_t
         __m512i p0, p1;
         block_of(bank, codes, products, k, correction, &p0, &p1);
         first_block = k, first_p0 = p0, first_p1 = p1; /* not recomputed when the block passes */
-        const __m512 unit = _mm512_set1_ps(q->scale * bank->unit[k]);
-        const __m512 e0 = _mm512_sub_ps(_mm512_loadu_ps(bank->row_sq + k * BLOCK), _mm512_mul_ps(unit, _mm512_cvtepi32_ps(p0)));
-        const __m512 e1 = _mm512_sub_ps(_mm512_loadu_ps(bank->row_sq + k * BLOCK + 16), _mm512_mul_ps(unit, _mm512_cvtepi32_ps(p1)));
-        const __m512 e = _mm512_min_ps(e0, e1);
-        const float smallest = _mm512_reduce_min_ps(e);
-        const uint32_t hits = (uint32_t)_mm512_cmp_ps_mask(e0, _mm512_set1_ps(smallest), _CMP_EQ_OQ)
-                            | (uint32_t)_mm512_cmp_ps_mask(e1, _mm512_set1_ps(smallest), _CMP_EQ_OQ) << 16;
-        if (hits && k * BLOCK + __builtin_ctz(hits) != seed_row) {
-            first_row = k * BLOCK + __builtin_ctz(hits);
+        const int at_row = least_row(bank->row_sq + k * BLOCK, _mm512_set1_ps(q->scale * bank->unit[k]), p0, p1);
+        if (at_row >= 0 && k * BLOCK + at_row != seed_row) {
+            first_row = k * BLOCK + at_row;
             float squared;
             const uint64_t key = candidate_key(bank, row, first_row, &squared);
             candidates++;
@@ -617,7 +613,10 @@ static int64_t tile_block_max_kept(const fp_bank *bank, const int8_t *codes, con
             const __mmask16 kept_rows = _mm512_cmp_ps_mask(value0, limit, _CMP_GE_OQ) | _mm512_cmp_ps_mask(value1, limit, _CMP_GE_OQ);
             keep |= (uint32_t)(kept_rows != 0) << i;
         }
-        if (keep) tile_block_max(bank, codes, k, k + 1, out, stride, products), taken++;
+        if (keep) {
+            tile_block_max(bank, codes, k, k + 1, out, stride, products);
+            taken++;
+        }
         for (int i = 0; i < TILE; i++)
             if (!(keep >> i & 1)) out[i * stride + k] = SKIPPED;
     }
@@ -689,11 +688,13 @@ int64_t fp_nearest(const fp_bank *bank, const float *query, int64_t n, float *di
             const int64_t last = first + bank->panel_blocks < blocks ? first + bank->panel_blocks : blocks;
             for (int64_t t = 0; t < tiles; t++) {
                 seen += last - first;
-                if (hd)
+                if (hd) {
                     taken += tile_block_max_kept(bank, codes + t * TILE * pd, head_codes + t * TILE * hd, heads + t * TILE, first, last,
-                                        maxima + t * TILE * stride, stride, products, limits);
-                else
-                    tile_block_max(bank, codes + t * TILE * pd, first, last, maxima + t * TILE * stride, stride, products), taken += last - first;
+                                                 maxima + t * TILE * stride, stride, products, limits);
+                } else {
+                    tile_block_max(bank, codes + t * TILE * pd, first, last, maxima + t * TILE * stride, stride, products);
+                    taken += last - first;
+                }
             }
         }
         for (int64_t i = 0; i < rows; i++) {

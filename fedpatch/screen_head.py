@@ -177,6 +177,11 @@ def _up(values: np.ndarray) -> np.ndarray:
     return np.where(rounded < values, np.nextafter(rounded, np.float32(np.inf)), rounded)
 
 
+def _up_scalar(value: float) -> float:
+    """A float32 value no smaller than ``value``, as a Python float."""
+    return float(_up(np.array([value]))[0])
+
+
 def _down(values: np.ndarray) -> np.ndarray:
     """Float32 values no larger than the float64 ``values``."""
     rounded = values.astype(np.float32)
@@ -248,9 +253,9 @@ def build_head(vectors: np.ndarray, mean: np.ndarray, order: np.ndarray, rotatio
         low=_up(lows.reshape(-1, BLOCK).max(axis=1) * (1 + 1e-9)),
         row_sq=squares.astype(np.float32),
         row=_down(squares * (1 - 1e-9) / (2 * np.repeat(unit.astype(np.float64), BLOCK))),
-        sigma=float(_up(np.array([float(torch.linalg.matrix_norm(torch.from_numpy(w), ord=2)) * (1 + 1e-9)]))[0]),
-        query_error=float(_up(np.array([_gamma(dim + 2) * frobenius * (1 + 1e-9)]))[0]),
-        bank_error=float(_up(np.array([bank_error * (1 + 1e-9)]))[0]),
-        sq_max=float(_up(np.array([squares.max() * (1 + 1e-9)]))[0]),
+        sigma=_up_scalar(float(torch.linalg.matrix_norm(torch.from_numpy(w), ord=2)) * (1 + 1e-9)),
+        query_error=_up_scalar(_gamma(dim + 2) * frobenius * (1 + 1e-9)),
+        bank_error=_up_scalar(bank_error * (1 + 1e-9)),
+        sq_max=_up_scalar(float(squares.max()) * (1 + 1e-9)),
         split=split,
     )
