@@ -11,13 +11,21 @@ matrix products, ``A @ S @ C.T`` with ``A = blur_H @ upsample_H`` ([H, h]) and
 bilinear interpolation and the padded Gaussian convolution, one axis at a time, on identity
 matrices. The result is the map that upsampling the whole grid and then blurring it gives
 (tests/test_anomaly_map.py checks the two against each other), to float rounding, and it
-never materialises a padded full-size image: on 2 CPU cores eight 1000x750
-maps took 14.5 ms instead of 318 ms (interpolate + two 33-tap convolutions), eight 256x256
-maps 0.8 ms instead of 29 ms.
+never materialises a padded full-size image: on 2 CPU cores eight 1000x750 maps took 14.5 ms
+instead of 318 ms (interpolate + two 33-tap convolutions), eight 256x256 maps 0.8 ms instead
+of 29 ms.
+
+Both operators are banded: an output pixel depends on the few grid cells within the blur's
+reach (14 of 125 for 64 neighbouring columns of a 1000x750 map at sigma 4). The products are
+therefore taken in slices of ``BAND`` output rows (columns) against only the grid cells that
+slice has weight on (``_Band``), ``S @ C.T`` first. The dropped terms are exact zeros, so only the summation order changes (2.5e-7
+of the largest value): eight 1000x750 maps took 3.6-4.7 ms instead of 10.5-12.7 ms (two runs
+side by side, 2 threads), about what filling them and adding to them once takes (3.6 ms).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -49,22 +57,68 @@ def _axis_operator(grid: int, size: int, sigma: float, mode: str, device: torch.
     return columns.view(grid, size).T.contiguous().float().to(device)
 
 
+BAND = 64
+"""Output rows (columns) per banded product: fewer calls against more zero weights per call
+(32 / 64 / 128 took 0.80 / 0.62 / 0.60 ms per 1000x750 map with the bands found per call)."""
+
+
+@dataclass(frozen=True)
+class _Band:
+    """Output rows (or columns) ``[start, stop)`` of an axis operator and the grid cells
+    ``[first, last)`` outside which their weights are all zero."""
+
+    start: int
+    stop: int
+    first: int
+    last: int
+    weights: torch.Tensor  # [stop - start, last - first]
+
+
+def _bands(operator: torch.Tensor) -> tuple[_Band, ...]:
+    """An ``[size, grid]`` operator cut into slices of ``BAND`` outputs with their nonzero
+    cells; one slice, the whole operator, where that skips less than ``3 / 4`` of its products
+    (the calls' overhead then outweighs the saving: eight 256x256 maps, 56% skipped, took
+    0.42 ms banded against 0.30 ms in one product)."""
+    bands = []
+    for start in range(0, operator.shape[0], BAND):
+        stop = min(operator.shape[0], start + BAND)
+        cells = torch.nonzero((operator[start:stop] != 0).any(dim=0)).flatten()
+        first, last = (int(cells[0]), int(cells[-1]) + 1) if len(cells) else (0, 0)
+        bands.append(_Band(start, stop, first, last, operator[start:stop, first:last].contiguous()))
+    if 4 * sum(band.weights.numel() for band in bands) > operator.numel():
+        return (_Band(0, operator.shape[0], 0, operator.shape[1], operator),)
+    return tuple(bands)
+
+
 @lru_cache(maxsize=16)
-def _operators(grid: tuple[int, int], image_size: tuple[int, int], sigma: float, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _operators(grid: tuple[int, int], image_size: tuple[int, int], sigma: float, device: str) -> tuple[tuple[_Band, ...], tuple[_Band, ...]]:
     mode = _border_mode(image_size[0], image_size[1], sigma)
     rows = _axis_operator(grid[0], image_size[0], sigma, mode, torch.device(device))
     cols = _axis_operator(grid[1], image_size[1], sigma, mode, torch.device(device))
-    return rows, cols
+    return _bands(rows), _bands(cols)
 
 
 def patch_scores_to_maps(patch_scores: torch.Tensor, image_size: tuple[int, int], sigma: float) -> torch.Tensor:
     """``[B, h, w]`` patch scores -> ``[B, H, W]`` pixel maps (bilinear upsampling, then blur).
 
-    Computed as ``A @ S @ C.T`` (see the module docstring).
+    Computed as ``A @ (S @ C.T)``, band by band (see the module docstring).
     """
-    grid = (int(patch_scores.shape[-2]), int(patch_scores.shape[-1]))
-    rows, cols = _operators(grid, (int(image_size[0]), int(image_size[1])), float(sigma), str(patch_scores.device))
-    return torch.matmul(torch.matmul(rows, patch_scores.float()), cols.T)
+    scores = patch_scores.float()
+    grid = (int(scores.shape[-2]), int(scores.shape[-1]))
+    height, width = int(image_size[0]), int(image_size[1])
+    rows, cols = _operators(grid, (height, width), float(sigma), str(scores.device))
+    if len(cols) == 1:
+        across = scores @ cols[0].weights.T  # S @ C.T: [B, h, W]
+    else:
+        across = scores.new_empty(*scores.shape[:-1], width)
+        for band in cols:
+            across[..., band.start : band.stop] = scores[..., band.first : band.last] @ band.weights.T
+    if len(rows) == 1:
+        return rows[0].weights @ across
+    maps = scores.new_empty(*scores.shape[:-2], height, width)
+    for band in rows:
+        maps[..., band.start : band.stop, :] = band.weights @ across[..., band.first : band.last, :]
+    return maps
 
 
 def reweighted_image_score(

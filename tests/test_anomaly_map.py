@@ -7,7 +7,7 @@ import torch
 
 import torch.nn.functional as F
 
-from fedpatch.anomaly_map import gaussian_kernel1d, patch_scores_to_maps
+from fedpatch.anomaly_map import BAND, _operators, gaussian_kernel1d, patch_scores_to_maps
 
 
 def upsample_then_blur(patch_scores: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
@@ -33,6 +33,8 @@ def upsample_then_blur(patch_scores: torch.Tensor, size: tuple[int, int], sigma:
         ((5, 7), (40, 56), 0.0),  # no blur
         ((50, 50), (400, 400), 2.5),
         ((13, 9), (101, 77), 1.0),  # odd sizes, not a multiple of the grid
+        ((10, 125), (80, 1000), 4.0),  # banded columns, rows in one product
+        ((150, 7), (1203, 50), 2.0),  # banded rows (the last band short), columns in one product
     ],
 )
 def test_matrix_form_equals_upsample_then_blur(grid: tuple[int, int], size: tuple[int, int], sigma: float) -> None:
@@ -57,3 +59,16 @@ def test_one_hot_patch_spreads_symmetrically_and_keeps_its_peak() -> None:
     torch.testing.assert_close(maps, maps.flip(1), rtol=1e-5, atol=1e-6)
     assert int(maps.argmax()) in {63 * 128 + 63, 63 * 128 + 64, 64 * 128 + 63, 64 * 128 + 64}
     assert 0 < float(maps.max()) < 1.0 and float(maps.min()) >= 0.0
+
+
+def test_large_maps_skip_the_zero_weights_and_small_ones_take_one_product() -> None:
+    """At 1000x750 each band of outputs is multiplied with the 14 grid cells it depends on (of
+    125 / 94); at 256x256 banding would skip too little to pay for its calls."""
+    rows, cols = _operators((94, 125), (750, 1000), 4.0, "cpu")
+    for bands, size, grid in ((rows, 750, 94), (cols, 1000, 125)):
+        assert [(b.start, b.stop) for b in bands] == [(s, min(s + BAND, size)) for s in range(0, size, BAND)]
+        assert max(b.last - b.first for b in bands) == 14
+        assert all(0 <= b.first < b.last <= grid and b.weights.shape == (b.stop - b.start, b.last - b.first) for b in bands)
+        assert bands[0].first == 0 and bands[-1].last == grid
+    small_rows, small_cols = _operators((32, 32), (256, 256), 4.0, "cpu")
+    assert [(b.start, b.stop, b.first, b.last) for b in small_rows + small_cols] == [(0, 256, 0, 32)] * 2
