@@ -12,7 +12,9 @@ import numpy as np
 import torch
 
 from benchmarks.procmem import RssMonitor, current_rss_mb
+from benchmarks import data as bench_data
 from benchmarks.run import gpu_ratios_of, main, ratios_of, rows_of, suite_specs
+from benchmarks.worker import MAX_PREDICT_PASSES, PREDICT_SECONDS, Spec, enough_passes, run_fedpatch
 
 
 def test_tiny_suite_writes_tables(tmp_path: Path) -> None:
@@ -37,6 +39,31 @@ def test_tiny_suite_writes_tables(tmp_path: Path) -> None:
     assert result["predict_passes"] == 2 and min(ratios) - 1e-9 <= result["predict_ips"] / result["backbone_ips"] <= max(ratios) + 1e-9
     text = (tmp_path / "tiny.md").read_text()
     assert "| efficientnet_lite0 | magnetic | 64x64 | 3 | fedpatch |" in text
+
+
+def test_passes_continue_until_both_least_passes_and_least_seconds() -> None:
+    assert not enough_passes(2, 60.0, (3, 15.0))  # too few passes, however long
+    assert not enough_passes(3, 14.9, (3, 15.0))  # enough passes, too short
+    assert enough_passes(3, 15.0, (3, 15.0)) and enough_passes(8, 15.2, (3, 15.0))
+    assert enough_passes(MAX_PREDICT_PASSES, 1.0, (3, 15.0))  # the cap
+    assert not enough_passes(0, 0.0, (0, 0.0)) and enough_passes(1, 0.0, (0, 0.0))  # at least one pass
+    main_specs = [spec for group in suite_specs("main") for spec in group]
+    assert {spec.predict_seconds for spec in main_specs} == {PREDICT_SECONDS}  # both implementations alike
+    assert [spec.predict_seconds for spec in suite_specs("tiny")[0]] == [0.0, 0.0]
+
+
+def test_fedpatch_worker_times_prediction_for_the_least_seconds() -> None:
+    """One pass of the tiny configuration takes well under a second: passes are added until
+    prediction has been timed for 1.5 s, and no pass more than that needs."""
+    spec = Spec(impl="fedpatch", backbone="efficientnet_lite0", dataset="magnetic", size=(64, 64), n_train=3,
+                batch_size=2, predict_passes=1, predict_seconds=1.5)
+    result: dict = {}
+    run_fedpatch(spec, bench_data.load("magnetic", spec.size, spec.n_train), RssMonitor(cap_mb=None, on_cap=lambda phase, rss: None), result)
+    passes, images = result["predict_passes"], len(bench_data.load("magnetic", spec.size, spec.n_train).test)
+    assert 2 <= passes == len(result["predict_vs_backbone_passes"]) <= MAX_PREDICT_PASSES
+    predicted = passes * images / result["predict_ips"]  # seconds of prediction over all passes
+    assert predicted >= 1.5 or passes == MAX_PREDICT_PASSES
+    assert predicted * (passes - 1) / passes < 1.5 * 1.5  # the last pass was needed (passes' times vary a little)
 
 
 def test_ratios_favour_the_faster_implementation() -> None:
