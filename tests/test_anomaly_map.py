@@ -7,7 +7,7 @@ import torch
 
 import torch.nn.functional as F
 
-from fedpatch.anomaly_map import BAND, _operators, gaussian_kernel1d, patch_scores_to_maps
+from fedpatch.anomaly_map import BAND, _axis_operator, _Bands, _operators, gaussian_kernel1d, patch_scores_to_maps
 
 
 def upsample_then_blur(patch_scores: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
@@ -62,13 +62,19 @@ def test_one_hot_patch_spreads_symmetrically_and_keeps_its_peak() -> None:
 
 
 def test_large_maps_skip_the_zero_weights_and_small_ones_take_one_product() -> None:
-    """At 1000x750 each band of outputs is multiplied with the 14 grid cells it depends on (of
-    125 / 94); at 256x256 banding would skip too little to pay for its calls."""
+    """At 1000x750 each band of 64 outputs is multiplied with the 14 grid cells it depends on
+    (of 125 / 94), and the bands hold every nonzero weight of the operator; at 256x256 banding
+    would skip too little to pay for its gathers."""
     rows, cols = _operators((94, 125), (750, 1000), 4.0, "cpu")
     for bands, size, grid in ((rows, 750, 94), (cols, 1000, 125)):
-        assert [(b.start, b.stop) for b in bands] == [(s, min(s + BAND, size)) for s in range(0, size, BAND)]
-        assert max(b.last - b.first for b in bands) == 14
-        assert all(0 <= b.first < b.last <= grid and b.weights.shape == (b.stop - b.start, b.last - b.first) for b in bands)
-        assert bands[0].first == 0 and bands[-1].last == grid
+        assert isinstance(bands, _Bands)
+        count = -(-size // BAND)
+        assert bands.cells.shape == (count, 14) and bands.weights.shape == (count, BAND, 14)
+        assert int(bands.cells.min()) == 0 and int(bands.cells.max()) == grid - 1
+        rebuilt = torch.zeros(count * BAND, grid)
+        for band in range(count):
+            rebuilt[band * BAND : (band + 1) * BAND, bands.cells[band]] = bands.weights[band]
+        operator = _axis_operator(grid, size, 4.0, "reflect", torch.device("cpu"))
+        assert torch.equal(rebuilt[:size], operator) and not rebuilt[size:].any()
     small_rows, small_cols = _operators((32, 32), (256, 256), 4.0, "cpu")
-    assert [(b.start, b.stop, b.first, b.last) for b in small_rows + small_cols] == [(0, 256, 0, 32)] * 2
+    assert not isinstance(small_rows, _Bands) and small_rows.shape == small_cols.shape == (256, 32)
