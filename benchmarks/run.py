@@ -150,7 +150,7 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
         main["seed"] = spec["seed"]
     rows = [main]
     for index, variant in (result.get("variants") or {}).items():
-        row = {**main, "impl": f"fedpatch index={index}", **{k: variant.get(k) for k in ("index_s", "predict_ips", "predict_cpu_ips", "backbone_ips", "backbone_cpu_ips", "predict_peak_mb", "image_auroc", "pixel_auroc", "recall_at_1")}}
+        row = {**main, "impl": f"fedpatch index={index}", **{k: variant.get(k) for k in ("index_s", "predict_passes", "predict_ips", "predict_cpu_ips", "backbone_ips", "backbone_cpu_ips", "predict_peak_mb", "image_auroc", "pixel_auroc", "recall_at_1")}}
         row.update(fit_s=None, extract_s=None, coreset_s=None, fit_cpu_s=None, fit_peak_mb=None)
         rows.append(row)
     return rows

@@ -66,6 +66,15 @@ def test_fedpatch_worker_times_prediction_for_the_least_seconds() -> None:
     assert predicted * (passes - 1) / passes < 1.5 * 1.5  # the last pass was needed (passes' times vary a little)
 
 
+def test_variant_rows_report_their_own_passes() -> None:
+    """The default configuration is timed for PREDICT_SECONDS, its index variants for three passes."""
+    spec = {"impl": "fedpatch", "backbone": "efficientnet_lite0", "dataset": "synthetic", "size": [1000, 750], "n_train": 2}
+    result = {"spec": spec, "status": "ok", "predict_passes": 11, "predict_ips": 5.0, "variants": {"hnsw": {"predict_passes": 3, "predict_ips": 2.0}}}
+    ours, hnsw = rows_of(result)
+    assert (ours["predict_passes"], ours["predict_ips"]) == (11, 5.0)
+    assert (hnsw["impl"], hnsw["predict_passes"], hnsw["predict_ips"]) == ("fedpatch index=hnsw", 3, 2.0)
+
+
 def test_ratios_favour_the_faster_implementation() -> None:
     spec = {"backbone": "wide_resnet50_2", "pretrained": False, "dataset": "synthetic", "size": [1000, 750], "n_train": 4}
     ours = {"spec": {**spec, "impl": "fedpatch"}, "fit_s": 10.0, "extract_s": 8.0, "coreset_s": 1.0, "predict_ips": 2.0,
