@@ -58,8 +58,9 @@ def test_fedpatch_worker_times_prediction_for_the_least_seconds() -> None:
     spec = Spec(impl="fedpatch", backbone="efficientnet_lite0", dataset="magnetic", size=(64, 64), n_train=3,
                 batch_size=2, predict_passes=1, predict_seconds=1.5)
     result: dict = {}
-    run_fedpatch(spec, bench_data.load("magnetic", spec.size, spec.n_train), RssMonitor(cap_mb=None, on_cap=lambda phase, rss: None), result)
-    passes, images = result["predict_passes"], len(bench_data.load("magnetic", spec.size, spec.n_train).test)
+    bench = bench_data.load("magnetic", spec.size, spec.n_train)
+    run_fedpatch(spec, bench, RssMonitor(cap_mb=None, on_cap=lambda phase, rss: None), result)
+    passes, images = result["predict_passes"], len(bench.test)
     assert 2 <= passes == len(result["predict_vs_backbone_passes"]) <= MAX_PREDICT_PASSES
     predicted = passes * images / result["predict_ips"]  # seconds of prediction over all passes
     assert predicted >= 1.5 or passes == MAX_PREDICT_PASSES
