@@ -43,7 +43,7 @@ first pass; the throughputs from all of them."""
 PREDICT_SECONDS = 15.0
 """Least timed prediction (seconds) of the default configuration, for both implementations:
 passes are added, up to ``MAX_PREDICT_PASSES``, until it is reached, so a row whose pass takes
-a second or two is timed over 8-15 passes instead of three. On lite0 1000x750 (1.5 s per
+a second or two is timed over 7-15 passes instead of three. On lite0 1000x750 (1.5-2 s per
 pass) ten passes in a row read predict vs backbone 0.80-0.94 pass by pass (standard
 deviation 0.044); any three of them in a row 0.84-0.90, any eight 0.86-0.87 (2026-11-25)."""
 MAX_PREDICT_PASSES = 30
